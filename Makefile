@@ -1,0 +1,30 @@
+# Thin wrapper: every target is one nox session. `make help` lists them.
+PY ?= python3
+TOOLS := .tools
+NOX := $(TOOLS)/bin/nox
+# Versions of the tools that drive everything else (the only place they are pinned).
+TOOL_PINS := nox==2026.10.20 uv==0.13.9
+
+.PHONY: help test lint demo bench image clean
+
+help: ## show this help
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+
+$(NOX):
+	$(PY) -m venv $(TOOLS) && $(TOOLS)/bin/pip install -q $(TOOL_PINS)
+
+test: $(NOX) ## run the tests (creates its own environments)
+	$(NOX) -s lint
+	$(NOX) -s tests -- $(ARGS)
+
+lint: $(NOX) ## check style with ruff
+	$(NOX) -s lint
+
+demo: $(NOX) ## run examples/workflow.py on the fake cluster
+	$(NOX) -s demo
+
+bench: $(NOX) ## benchmark against Parsl's default config
+	$(NOX) -s bench
+
+clean: ## remove tool and session environments and run directories
+	rm -rf $(TOOLS) .nox runinfo

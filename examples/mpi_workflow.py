@@ -1,0 +1,45 @@
+"""ALCF's MPI ensemble: ten 2-node tasks of 24 ranks, each rank pinned to one GPU tile.
+
+Needs an MPI-ensemble config: PARSL_MODE=mpi_ensemble with PARSL_SITE=aurora (or local for the
+fake cluster). Each task's output lands in ./mpi_output/<task>/.
+"""
+
+import sys
+from pathlib import Path
+
+import parsl
+from parsl import bash_app
+
+import site_configs
+
+# 12 ranks per node, one per tile; set_affinity_gpu_aurora.sh turns the local rank into a tile.
+SPEC = {"num_nodes": 2, "ranks_per_node": 12, "num_ranks": 24}
+
+
+@bash_app
+def mpi_hello_affinity(parsl_resource_specification, depth=8, stdout=None, stderr=None):
+    # $PARSL_MPI_PREFIX is `mpiexec -n 24 -ppn 12 -hosts <this task's two nodes>`.
+    return (f"$PARSL_MPI_PREFIX --cpu-bind depth --depth={depth} "
+            "set_affinity_gpu_aurora.sh hello-affinity")
+
+
+def main(tasks: int = 10) -> int:
+    out = Path.cwd() / "mpi_output"
+    with parsl.load(site_configs.load(mode="mpi_ensemble")):
+        futures = []
+        for i in range(tasks):
+            (out / str(i)).mkdir(parents=True, exist_ok=True)
+            futures.append(mpi_hello_affinity(parsl_resource_specification=SPEC,
+                                              stdout=str(out / str(i) / "hello.stdout"),
+                                              stderr=str(out / str(i) / "hello.stderr")))
+        print(f"{len(futures)} tasks of {SPEC['num_ranks']} ranks on {SPEC['num_nodes']} nodes")
+        codes = [f.result() for f in futures]
+    for i in range(tasks):
+        lines = (out / str(i) / "hello.stdout").read_text().splitlines()
+        hosts = {w.split("=", 1)[1] for line in lines for w in line.split() if w.startswith("host=")}
+        print(f"task {i}: {len(lines)} ranks on {len(hosts)} nodes: {', '.join(sorted(hosts))}")
+    return 0 if all(c == 0 for c in codes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""ALCF's single-tile ensemble: 12 Python tasks and 12 `hello-affinity` tasks, one per GPU tile.
+
+The config comes from $PARSL_SITE and $PARSL_MODE (e.g. aurora/multi_job, or local/multi_job on
+the fake cluster), so this same file runs on Aurora and on a laptop. Results go to ./output.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import parsl
+from parsl import bash_app, python_app
+
+import site_configs
+
+
+@python_app
+def where_am_i(task: int, meeting: str, tasks: int) -> dict:
+    """Report the node, tile and CPUs this task ran on, once all `tasks` are running at once.
+
+    Waiting for the others (through files in a shared folder, up to a minute) keeps each worker
+    busy, so every task lands on a different worker and so on a different tile.
+    """
+    import os
+    import socket
+    import time
+    from pathlib import Path
+
+    Path(meeting, str(task)).touch()
+    deadline = time.time() + 60
+    while len(os.listdir(meeting)) < tasks and time.time() < deadline:
+        time.sleep(0.05)
+    return {
+        "task": task,
+        "node": os.environ.get("PARSL_AURORA_HOST") or socket.gethostname(),
+        "tile": os.environ.get("ZE_AFFINITY_MASK", "unset"),
+        "cpus": sorted(os.sched_getaffinity(0)),
+    }
+
+
+@bash_app
+def hello_affinity(stdout=None, stderr=None):
+    # On Aurora and in the image, hello-affinity is on PATH (the bundle's stand-in for ALCF's
+    # SYCL hello_affinity); swap in your own executable here.
+    return "hello-affinity"
+
+
+def cpu_ranges(cpus: list[int]) -> str:
+    from parsl_aurora.topology import ranges
+
+    return ranges(cpus) if cpus else "-"
+
+
+def wait(futures, label: str) -> list:
+    """Block on every future, with a progress bar when a terminal is attached."""
+    try:
+        from rich.progress import track
+    except ImportError:  # the bundle installs rich; plain output keeps bare venvs working
+        return [f.result() for f in futures]
+    return [f.result() for f in track(futures, description=label, transient=True)]
+
+
+def report(rows: list[dict]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        for r in rows:
+            print(r["task"], r["node"], r["tile"], cpu_ranges(r["cpus"]))
+        return
+    table = Table(title="Where each task ran")
+    for col in ("task", "fake node" if os.environ.get("PARSL_SITE") == "local" else "node",
+                "tile (ZE_AFFINITY_MASK)", "CPUs"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["task"]), r["node"], r["tile"], cpu_ranges(r["cpus"]))
+    Console().print(table)
+
+
+def main() -> int:
+    out = Path.cwd() / "output"
+    meeting = out / "running"
+    meeting.mkdir(parents=True, exist_ok=True)
+    for f in meeting.iterdir():
+        f.unlink()
+    with parsl.load(site_configs.load()):
+        rows = [where_am_i(i, str(meeting), 12) for i in range(12)]
+        hellos = [hello_affinity(stdout=str(out / f"hello_{i}.stdout"),
+                                 stderr=str(out / f"hello_{i}.stderr")) for i in range(12)]
+        rows = wait(rows, "python tasks")
+        codes = wait(hellos, "hello-affinity tasks")
+    report(rows)
+    tiles = {(r["node"], r["tile"]) for r in rows}
+    nodes = {r["node"] for r in rows}
+    print(f"{len(rows)} python tasks on {len(tiles)} distinct tiles of {len(nodes)} node(s); "
+          f"hello-affinity exit codes {sorted(set(codes))}; outputs in {out}/")
+    print((out / "hello_0.stdout").read_text().strip())
+    return 0 if all(c == 0 for c in codes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Sessions that build, test, benchmark and publish the bundle (`nox -l` lists them)."""
+
+from __future__ import annotations
+
+import shutil
+
+import nox
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["lint", "tests"]
+PYTHON = "3.11"  # the image's Python (Debian 12); tests run under the same version
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the test suite (image tests run where apptainer is on PATH)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """Check style with ruff."""
+    session.install("ruff")
+    session.run("ruff", "check", "src", "site_configs", "tests", "examples", "benchmarks",
+                "noxfile.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """Run examples/workflow.py on the fake cluster and show where each task ran."""
+    session.install("-e", ".[test]")
+    session.run("python", "examples/workflow.py", *session.posargs,
+                env={"PARSL_SITE": "local", "PARSL_MODE": "multi_job"})
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmark the fake cluster against Parsl's default config, side by side."""
+    session.install("-e", ".[test]")
+    session.run("python", "benchmarks/first_result.py", *session.posargs)
+
+
+@nox.session(python=PYTHON, default=bool(shutil.which("apptainer")))
+def image_tests(session: nox.Session) -> None:
+    """Run only the tests that use the real apptainer."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "apptainer", *session.posargs)

@@ -1,0 +1,189 @@
+"""Parity with ALCF's reference configs, field by field, and the errors for bad requests."""
+
+import dataclasses
+
+import pytest
+from parsl.executors import HighThroughputExecutor, MPIExecutor
+from parsl.launchers import MpiExecLauncher, SimpleLauncher
+from parsl.providers import LocalProvider, PBSProProvider
+
+import site_configs
+from parsl_aurora.errors import ConfigError
+from parsl_aurora.topology import AURORA
+from site_configs import aurora
+from test_topology import PAGE_AFFINITY
+
+PAGE_NODE = dataclasses.replace(AURORA, reserved_cores=())
+PAGE_TILES = [f"{g}.{t}" for g in range(6) for t in range(2)]
+USER_INIT = "source $HOME/_env/bin/activate; cd /home/me/run"
+
+
+def provider_fields(p):
+    fields = {
+        "provider": type(p), "nodes_per_block": p.nodes_per_block, "min_blocks": p.min_blocks,
+        "max_blocks": p.max_blocks, "init_blocks": p.init_blocks,
+        "launcher": type(p.launcher),
+        "launcher_opts": (getattr(p.launcher, "bind_cmd", None),
+                          getattr(p.launcher, "overrides", None)),
+    }
+    if isinstance(p, PBSProProvider):
+        fields.update(account=p.account, queue=p.queue, walltime=p.walltime,
+                      scheduler_options=p.scheduler_options, select_options=p.select_options,
+                      cpus_per_node=p.cpus_per_node)
+    return fields
+
+
+def htex_fields(ex):
+    return {"executor": type(ex), "accelerators": ex.available_accelerators,
+            "workers": ex.max_workers_per_node, "cpu_affinity": ex.cpu_affinity,
+            "prefetch": ex.prefetch_capacity}
+
+
+def test_multi_job_matches_page():
+    page = HighThroughputExecutor(
+        available_accelerators=PAGE_TILES, max_workers_per_node=12, cpu_affinity=PAGE_AFFINITY,
+        prefetch_capacity=0,
+        provider=PBSProProvider(
+            account="Aurora_deployment", queue="debug", worker_init=USER_INIT,
+            walltime="0:30:00", scheduler_options="#PBS -l filesystems=home:flare",
+            launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1"),
+            select_options="", nodes_per_block=1, min_blocks=0, max_blocks=1,
+            cpus_per_node=208))
+    config = aurora.multi_job(account="Aurora_deployment", node=PAGE_NODE,
+                              worker_init=USER_INIT, nodes_per_job=1, max_jobs=1)
+    ours = config.executors[0]
+    assert htex_fields(ours) == htex_fields(page)
+    assert provider_fields(ours.provider) == provider_fields(page.provider)
+    assert USER_INIT in ours.provider.worker_init
+    assert config.retries == 1
+
+
+def test_mpi_ensemble_matches_page():
+    page = MPIExecutor(
+        max_workers_per_block=10 // 2,
+        provider=PBSProProvider(
+            account="Aurora_deployment", worker_init=USER_INIT, walltime="0:30:00",
+            queue="lustre_scaling", scheduler_options="#PBS -l filesystems=home:flare",
+            launcher=SimpleLauncher(), select_options="", nodes_per_block=10, max_blocks=1,
+            cpus_per_node=208))
+    config = aurora.mpi_ensemble(account="Aurora_deployment", queue="lustre_scaling",
+                                 nodes_per_task=2, nodes_per_job=10, walltime="0:30:00",
+                                 worker_init=USER_INIT, node=PAGE_NODE)
+    ours = config.executors[0]
+    assert type(ours) is MPIExecutor
+    assert ours.max_workers_per_block == page.max_workers_per_block
+    assert provider_fields(ours.provider) == provider_fields(page.provider)
+    assert USER_INIT in ours.provider.worker_init
+    assert config.retries == 1
+
+
+def test_in_job_matches_page(tmp_path, monkeypatch):
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("x4102c0s0b0n0\nx4102c0s1b0n0\nx4102c0s2b0n0\n")
+    monkeypatch.setenv("PBS_NODEFILE", str(nodefile))
+    page = HighThroughputExecutor(
+        available_accelerators=PAGE_TILES, max_workers_per_node=12, cpu_affinity=PAGE_AFFINITY,
+        prefetch_capacity=0,
+        provider=LocalProvider(
+            nodes_per_block=3, init_blocks=1, max_blocks=1,
+            launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1")))
+    config = aurora.in_job(node=PAGE_NODE)
+    ours = config.executors[0]
+    assert htex_fields(ours) == htex_fields(page)
+    assert provider_fields(ours.provider) == provider_fields(page.provider)
+    assert config.retries == 0
+
+
+def test_factories_build_fresh_configs():
+    a = aurora.multi_job(account="P")
+    b = aurora.multi_job(account="P")
+    assert a is not b and a.executors[0] is not b.executors[0]
+
+
+def test_load_from_environment(monkeypatch):
+    monkeypatch.setenv("PARSL_SITE", "aurora")
+    monkeypatch.setenv("PARSL_MODE", "mpi_ensemble")
+    monkeypatch.setenv("PARSL_ACCOUNT", "EnvProj")
+    config = site_configs.load(nodes_per_job=4)
+    assert type(config.executors[0]) is MPIExecutor
+    assert config.executors[0].provider.account == "EnvProj"
+    assert config.executors[0].provider.nodes_per_block == 4
+
+
+def test_arguments_win_over_environment(monkeypatch):
+    monkeypatch.setenv("PARSL_SITE", "nowhere")
+    config = site_configs.load("aurora", "multi_job", account="P")
+    assert config.executors[0].provider.account == "P"
+
+
+# (kwargs for aurora.<mode>, words the message must contain)
+BAD = [
+    ("multi_job", {}, ["account", "requires"]),
+    ("multi_job", {"account": ""}, ["account=''", "project"]),
+    ("multi_job", {"account": "  "}, ["account='  '"]),
+    ("mpi_ensemble", {"account": None}, ["account=None"]),
+    ("multi_job", {"account": "P", "walltime": "30 minutes"}, ["walltime='30 minutes'", "H:MM:SS"]),
+    ("multi_job", {"account": "P", "walltime": "0:75:00"}, ["walltime='0:75:00'"]),
+    ("multi_job", {"account": "P", "walltime": "0:00:00"}, ["walltime='0:00:00'"]),
+    ("mpi_ensemble", {"account": "P", "nodes_per_task": 4, "nodes_per_job": 2},
+     ["nodes_per_task=4", "at most nodes_per_job (2)"]),
+    ("mpi_ensemble", {"account": "P", "nodes_per_task": 3, "nodes_per_job": 10},
+     ["nodes_per_job=10", "multiple of nodes_per_task (3)", "nodes_per_job=9"]),
+    ("mpi_ensemble", {"account": "P", "nodes_per_task": 1}, ["nodes_per_task=1", "2 or more",
+                                                             "multi_job"]),
+    ("multi_job", {"account": "P", "nodes_per_job": 0}, ["nodes_per_job=0", ">= 1"]),
+    ("multi_job", {"account": "P", "max_jobs": "2"}, ["max_jobs='2'"]),
+    ("multi_job", {"account": "P", "queue": "debug", "nodes_per_job": 3},
+     ["nodes_per_job=3", "1-2 nodes in queue 'debug'", "debug-scaling"]),
+    ("multi_job", {"account": "P", "queue": "debug", "walltime": "2:00:00"},
+     ["walltime='2:00:00'", "at most 1:00:00 in queue 'debug'"]),
+    ("mpi_ensemble", {"account": "P", "queue": "prod", "nodes_per_job": 10},
+     ["nodes_per_job=10", ">= 256 nodes in queue 'prod'"]),
+    ("multi_job", {"account": "P", "bogus": 1}, ["option='bogus'", "walltime"]),
+]
+
+
+@pytest.mark.parametrize("mode,kwargs,words", BAD)
+def test_bad_request_named(mode, kwargs, words):
+    with pytest.raises(ConfigError) as e:
+        site_configs.load("aurora", mode, **kwargs)
+    for w in words:
+        assert w in str(e.value)
+    assert "Fix:" in str(e.value)
+
+
+def test_unlisted_queue_passes_unchecked():
+    config = aurora.multi_job(account="P", queue="lustre_scaling", nodes_per_job=512)
+    assert config.executors[0].provider.queue == "lustre_scaling"
+
+
+@pytest.mark.parametrize("site,mode,choices", [
+    ("perlmutter", "multi_job", "aurora, local"),
+    ("aurora", "single_job", "multi_job, mpi_ensemble, in_job"),
+])
+def test_unknown_site_or_mode_lists_known(site, mode, choices):
+    with pytest.raises(ConfigError, match=choices):
+        site_configs.load(site, mode, account="P")
+
+
+def test_in_job_missing_nodefile(tmp_path, monkeypatch):
+    monkeypatch.delenv("PBS_NODEFILE", raising=False)
+    with pytest.raises(ConfigError, match=r"nodefile=None.*\$PBS_NODEFILE"):
+        aurora.in_job()
+    with pytest.raises(ConfigError, match="nodefile=.*gone.*readable"):
+        aurora.in_job(nodefile=str(tmp_path / "gone"))
+
+
+def test_in_job_empty_nodefile(tmp_path):
+    empty = tmp_path / "nodes"
+    empty.write_text("\n\n")
+    with pytest.raises(ConfigError, match="at least one host"):
+        aurora.in_job(nodefile=str(empty))
+
+
+def test_in_job_nodefile_argument_reaches_launcher(tmp_path):
+    f = tmp_path / "nodes"
+    f.write_text("a\n\nb\n")
+    provider = aurora.in_job(nodefile=str(f)).executors[0].provider
+    assert provider.nodes_per_block == 2
+    assert f"export PBS_NODEFILE={f}" in provider.worker_init
