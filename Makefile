@@ -5,7 +5,7 @@ NOX := $(TOOLS)/bin/nox
 # Versions of the tools that drive everything else (the only place they are pinned).
 TOOL_PINS := nox==2026.10.20 uv==0.13.9
 
-.PHONY: help test lint demo bench image clean
+.PHONY: help test lint demo bench image lock install-apptainer clean
 
 help: ## show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -26,5 +26,14 @@ demo: $(NOX) ## run examples/workflow.py on the fake cluster
 bench: $(NOX) ## benchmark against Parsl's default config
 	$(NOX) -s bench
 
-clean: ## remove tool and session environments and run directories
-	rm -rf $(TOOLS) .nox runinfo
+image: $(NOX) ## build aurora.sif with apptainer (reused when unchanged)
+	$(NOX) -s image -- $(ARGS)
+
+lock: $(NOX) ## recompile container/requirements.lock from pyproject.toml
+	$(NOX) -s lock
+
+install-apptainer: ## install apptainer on Debian 12 (root; CI runs this)
+	bash .ci/install-apptainer
+
+clean: ## remove tool and session environments, run directories and the image
+	rm -rf $(TOOLS) .nox runinfo .wheelhouse aurora.sif aurora.sif.partial

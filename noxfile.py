@@ -14,7 +14,8 @@ PYTHON = "3.11"  # the image's Python (Debian 12); tests run under the same vers
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Run the test suite (image tests run where apptainer is on PATH)."""
-    session.install("-e", ".[test]")
+    # pip: the image fixture downloads the wheelhouse with it, and uv's venvs have none.
+    session.install("pip", "-e", ".[test]")
     session.run("pytest", *session.posargs)
 
 
@@ -42,7 +43,14 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON, default=bool(shutil.which("apptainer")))
-def image_tests(session: nox.Session) -> None:
-    """Run only the tests that use the real apptainer."""
-    session.install("-e", ".[test]")
-    session.run("pytest", "-m", "apptainer", *session.posargs)
+def image(session: nox.Session) -> None:
+    """Build aurora.sif with apptainer (reused while its inputs are unchanged)."""
+    session.install("pip", ".[test]")  # pip fetches the wheelhouse; [test] pins spython
+    session.run("python", "-m", "parsl_aurora.image", "build", *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
+def lock(session: nox.Session) -> None:
+    """Recompile container/requirements.lock from pyproject.toml's pins (needs the index)."""
+    session.install("uv", ".")
+    session.run("python", "-m", "parsl_aurora.image", "lock", *session.posargs)

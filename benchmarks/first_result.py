@@ -65,7 +65,7 @@ def measure(case: str, runs: int) -> list[float]:
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as tmp:
             r = subprocess.run([sys.executable, __file__, "--one", case], cwd=tmp, env=ENV,
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, check=False)
             if r.returncode:
                 raise SystemExit(f"{case} failed:\n{r.stderr[-2000:]}")
             out.append(json.loads(r.stdout.strip().splitlines()[-1]))

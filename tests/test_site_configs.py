@@ -6,12 +6,12 @@ import pytest
 from parsl.executors import HighThroughputExecutor, MPIExecutor
 from parsl.launchers import MpiExecLauncher, SimpleLauncher
 from parsl.providers import LocalProvider, PBSProProvider
+from test_topology import PAGE_AFFINITY
 
 import site_configs
 from parsl_aurora.errors import ConfigError
 from parsl_aurora.topology import AURORA
 from site_configs import aurora
-from test_topology import PAGE_AFFINITY
 
 PAGE_NODE = dataclasses.replace(AURORA, reserved_cores=())
 PAGE_TILES = [f"{g}.{t}" for g in range(6) for t in range(2)]

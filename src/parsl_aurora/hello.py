@@ -26,6 +26,8 @@ def line(environ: dict[str, str], cpus: list[int], hostname: str) -> str:
 
 
 def main() -> int:
-    print(line(dict(os.environ), sorted(os.sched_getaffinity(0)), socket.gethostname()),
-          flush=True)
+    text = line(dict(os.environ), sorted(os.sched_getaffinity(0)), socket.gethostname())
+    # One write(2) per line: many ranks share mpiexec's output, and a pipe keeps writes under
+    # PIPE_BUF whole, whereas print() may write text and newline apart (PYTHONUNBUFFERED=1).
+    os.write(1, (text + "\n").encode())
     return 0

@@ -14,7 +14,7 @@ SERVER = "aurora-pbs-fake"
 
 
 def bin_dir() -> Path:
-    """The folder holding the fake qsub, qstat, qdel and mpiexec."""
+    """The folder holding the fake qsub, qstat, qdel, mpiexec and the per-rank shim."""
     return Path(__file__).resolve().parent / "bin"
 
 
@@ -23,30 +23,37 @@ def host_names(n: int) -> list[str]:
     return [f"x4102c0s{i}b0n0" for i in range(n)]
 
 
+def state_dir() -> Path:
+    """Where the fake PBS keeps its jobs: $PARSL_AURORA_FAKE_DIR, else one folder per user."""
+    d = os.environ.get("PARSL_AURORA_FAKE_DIR") or f"/tmp/parsl-aurora-fake-{os.getuid()}"
+    path = Path(d).resolve()
+    (path / "jobs").mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def hydra() -> str:
-    """MPICH's mpiexec (from the `mpich` wheel) that really launches the ranks."""
+    """MPICH's mpiexec (from the `mpich` wheel) that really launches the ranks; "" if none."""
     found = os.environ.get("PARSL_AURORA_HYDRA")
     if found:
         return found
     beside = Path(sys.executable).parent / "mpiexec.hydra"
     if beside.exists():
         return str(beside)
+    # Skip the fake's own folder: its mpiexec would call itself.
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
-                           if Path(p).resolve() != bin_dir())
+                           if p and Path(p).resolve() != bin_dir())
     return shutil.which("mpiexec.hydra", path=path) or shutil.which("mpiexec", path=path) or ""
 
 
 def environment(run_dir: os.PathLike | str) -> dict[str, str]:
-    """Variables that put the fake first: its commands on PATH, its state under run_dir/fake."""
-    state = Path(run_dir).resolve() / "fake"
-    state.mkdir(parents=True, exist_ok=True)
+    """Variables that make a workflow use the fake, with its job state and logs in run_dir."""
+    state = Path(run_dir).resolve()
     # Parsl starts interchange.py from PATH, so this interpreter's scripts come right after the
     # fake's commands (which must shadow the mpich wheel's own mpiexec there).
     head = [str(bin_dir()), str(Path(sys.executable).parent)]
-    rest = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p not in head]
-    path = os.pathsep.join(head + rest)
+    rest = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p not in head]
     return {
-        "PATH": path,
+        "PATH": os.pathsep.join(head + rest),
         "PARSL_AURORA_FAKE_DIR": str(state),
         "PARSL_AURORA_PYTHON": sys.executable,
         "PARSL_AURORA_HYDRA": hydra(),

@@ -1,8 +1,10 @@
 """Fake PALS `mpiexec`: Aurora's options, run by MPICH's hydra so MPI ranks really talk.
 
 Each rank gets PALS's and PMI's variables and its fake node's name in PARSL_AURORA_HOST. CPU
-binding rule: the Aurora CPU ids PALS would give a rank map onto this machine's CPUs as
-`host_cpus[id % len(host_cpus)]`, so binding is exercised even on a 2-CPU machine.
+binding rule: the Aurora logical CPUs PALS would give a rank (list: its entry, round-robin by
+local rank; depth: local_rank*depth .. +depth-1; core: CPU local_rank; none: unbound) map onto
+this machine's allowed CPUs as `host_cpus[c % len(host_cpus)]`, deduplicated, and are applied
+with taskset by the per-rank shim bin/fake-rank.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from parsl_aurora.fake import bin_dir, hydra
 
 REJECTED = ("--bind-to", "--map-by", "-bind-to", "-map-by")
 BINDINGS = ("none", "depth", "core", "list")
+CPUS_PER_NODE = 208  # logical CPUs of an Aurora node
 
 
 class UsageError(Exception):
@@ -45,9 +48,11 @@ def _take(args: list[str], i: int, opt: str) -> tuple[str, int]:
 
 
 def _int(opt: str, text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    # Parsl writes ranks_per_node as "12.0" when it derives it; PALS reads it with atoi.
+    whole = text.removesuffix(".0")
+    if not whole.isdigit() or int(whole) < 1:
         raise UsageError(f"mpiexec: invalid value '{text}' for {opt}: expected a positive integer")
-    return int(text)
+    return int(whole)
 
 
 def read_hostfile(path: str) -> list[str]:
@@ -110,7 +115,8 @@ def parse(args: list[str], environ: dict[str, str]) -> Request:
     if req.ranks is None:
         req.ranks = (req.ppn or 1) * len(req.hosts)
     if req.ppn is None:
-        req.ppn = -(-req.ranks // len(req.hosts))
+        # Without --ppn PALS packs a node before using the next (hence Parsl's "--ppn 1").
+        req.ppn = max(1, min(req.ranks, CPUS_PER_NODE // req.depth))
     if req.ranks > req.ppn * len(req.hosts):
         raise UsageError(f"mpiexec: {req.ranks} ranks do not fit {len(req.hosts)} nodes at "
                          f"{req.ppn} per node")
