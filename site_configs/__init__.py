@@ -38,7 +38,8 @@ def options(site: str, mode: str) -> list[str]:
 def load(site: str | None = None, mode: str | None = None, **kwargs):
     """A fresh Parsl Config for `site` and `mode` (default: $PARSL_SITE, $PARSL_MODE).
 
-    `account` defaults to $PARSL_ACCOUNT for the modes that submit PBS jobs.
+    `account` defaults to $PARSL_ACCOUNT and `container` (run workers in this image) to
+    $PARSL_CONTAINER.
     """
     site = site or os.environ.get("PARSL_SITE") or ""
     mode = mode or os.environ.get("PARSL_MODE") or ""
@@ -48,8 +49,11 @@ def load(site: str | None = None, mode: str | None = None, **kwargs):
     if unknown:
         raise ConfigError("option", unknown[0], known,
                           f"{site}.{mode} does not take {unknown[0]!r}; use one of the above")
-    if "account" in known and "account" not in kwargs and os.environ.get("PARSL_ACCOUNT"):
-        kwargs["account"] = os.environ["PARSL_ACCOUNT"]
+    # Strings a batch script or CI sets once for every workflow it runs.
+    for name in ("account", "container"):
+        value = os.environ.get(f"PARSL_{name.upper()}")
+        if name in known and name not in kwargs and value:
+            kwargs[name] = value
     for name, p in inspect.signature(make).parameters.items():
         if p.kind == p.KEYWORD_ONLY and p.default is p.empty and name not in kwargs:
             raise ConfigError(name, None, f"a value ({site}.{mode} requires it)",

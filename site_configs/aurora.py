@@ -5,7 +5,7 @@ Each factory returns a fresh Parsl Config; nothing is built at import time.
 
 from __future__ import annotations
 
-from parsl_aurora import modes
+from parsl_aurora import container, modes
 from parsl_aurora.modes import Queue, Site
 from parsl_aurora.topology import AURORA, Node
 
@@ -27,6 +27,9 @@ SITE = Site(
     cores_per_worker=8,
     # mpiexec lengthens TMPDIR past the AF_UNIX path limit on ALCF systems (Parsl #3947).
     worker_init="export TMPDIR=/tmp",
+    binds=container.AURORA_BINDS,
+    # Compute nodes have apptainer only as a module.
+    container_init="module load apptainer",
 )
 
 

@@ -235,3 +235,101 @@ def test_unprivileged_user_runs_the_image(image_for_nobody):
 def test_check_image_parsl_accepts_the_built_image(built_image):
     from parsl_aurora.container import check_image_parsl
     check_image_parsl(str(built_image))  # the workflow's Parsl is the pinned one
+
+
+# ------------------------------------------------ workflows in the image, on the fake cluster
+@pytest.fixture(scope="session")
+def stage(image_for_nobody) -> Path:
+    """A folder anyone may use: the image, the examples, and MPICH's hydra.
+
+    Hydra is the fake's PALS: host software the image does not carry, bound in the way Aurora
+    binds its PALS (the stage sits under /tmp, which apptainer binds by default).
+    """
+    from parsl_aurora import fake
+
+    folder = image_for_nobody.parent
+    if not (folder / "examples").exists():
+        shutil.copytree(ROOT / "examples", folder / "examples")
+        (folder / "hydra").mkdir(mode=0o755)
+        for name in ("mpiexec.hydra", "hydra_pmi_proxy"):
+            shutil.copy(Path(fake.hydra()).parent / name, folder / "hydra" / name)
+        for p in [folder, *folder.rglob("*")]:
+            p.chmod(0o755)
+    return folder
+
+
+def in_image(stage: Path, script: str, mode: str, user: str | None = None):
+    """`apptainer exec aurora.sif python examples/SCRIPT` on the fake cluster, in a new folder."""
+    run_dir = stage / f"run-{mode}-{user or 'root'}"
+    run_dir.mkdir(mode=0o777)
+    run_dir.chmod(0o777)
+    env = {"PATH": os.environ["PATH"], "HOME": str(run_dir), "LANG": "C.UTF-8",
+           "PARSL_SITE": "local", "PARSL_MODE": mode,
+           "PARSL_AURORA_HYDRA": str(stage / "hydra" / "mpiexec.hydra")}
+    out = run("apptainer", "exec", str(stage / "aurora.sif"), "python",
+              str(stage / "examples" / script), user=user, cwd=run_dir, env=env)
+    return out, run_dir
+
+
+@needs_apptainer
+def test_workflow_runs_in_the_image_on_the_fake_cluster(stage):
+    out, run_dir = in_image(stage, "workflow.py", "multi_job")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "12 python tasks on 12 distinct tiles of 1 node(s)" in out.stdout
+    assert len(list((run_dir / "output").glob("hello_*.stdout"))) == 12
+
+
+@needs_apptainer
+def test_mpi_example_runs_in_the_image(stage):
+    out, run_dir = in_image(stage, "mpi_workflow.py", "mpi_ensemble")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for i in range(10):
+        lines = (run_dir / "mpi_output" / str(i) / "hello.stdout").read_text().splitlines()
+        assert len(lines) == 24
+        assert len({x.split()[0] for x in lines}) == 2  # host=... : two fake nodes
+
+
+@needs_apptainer
+def test_workflow_in_the_image_as_an_unprivileged_user(stage):
+    if os.geteuid() == 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        pytest.skip("/dev/fuse missing (CI: chmod 666 /dev/fuse)")
+    out, run_dir = in_image(stage, "workflow.py", "multi_job",
+                            user="nobody" if os.geteuid() == 0 else None)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "12 python tasks on 12 distinct tiles" in out.stdout
+    owners = {p.stat().st_uid for p in (run_dir / "output").glob("hello_*.stdout")}
+    assert 0 not in owners
+
+
+WORKERS_IN_IMAGE = """
+import os, sys
+import parsl
+from parsl import python_app
+import site_configs
+
+@python_app
+def where():
+    import os, sys
+    return os.environ.get("APPTAINER_CONTAINER", ""), sys.prefix
+
+with parsl.load(site_configs.load("local", "multi_job", container=sys.argv[1])):
+    print(sorted({f.result() for f in [where() for _ in range(12)]}))
+"""
+
+
+@needs_apptainer
+def test_container_option_puts_host_driven_workers_in_the_image(built_image, tmp_path):
+    """The driver runs here; `container=` makes every worker pool start inside the image."""
+    out = run(sys.executable, "-c", WORKERS_IN_IMAGE, str(built_image), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == str([(str(built_image), "/opt/aurora-env")])
+
+
+@needs_apptainer
+def test_image_with_another_parsl_fails_at_once(built_image):
+    from parsl_aurora.container import check_image_parsl
+    from parsl_aurora.errors import ImageError
+
+    with pytest.raises(ImageError, match="holds parsl 2025.1.13, but this workflow runs parsl "
+                                         "2024.12.2"):
+        check_image_parsl(str(built_image), expected="2024.12.2")

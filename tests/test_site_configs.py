@@ -187,3 +187,15 @@ def test_in_job_nodefile_argument_reaches_launcher(tmp_path):
     provider = aurora.in_job(nodefile=str(f)).executors[0].provider
     assert provider.nodes_per_block == 2
     assert f"export PBS_NODEFILE={f}" in provider.worker_init
+
+
+def test_container_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match=r"container=.*nope\.sif.*make image"):
+        aurora.multi_job(account="P", container=str(tmp_path / "nope.sif"))
+
+
+def test_container_from_environment_reaches_the_factory(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARSL_CONTAINER", str(tmp_path / "missing.sif"))
+    (tmp_path / "nodes").write_text("x1\n")
+    with pytest.raises(ConfigError, match="missing.sif"):
+        site_configs.load("aurora", "in_job", nodefile=str(tmp_path / "nodes"))

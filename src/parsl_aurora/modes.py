@@ -47,6 +47,10 @@ class Site:
     worker_init: str = ""
     # Called when a config is built, for sites that need the environment prepared (the fake).
     prepare: Callable[[Path], dict[str, str]] | None = None
+    # Host paths bound into the image when workers run in one (those missing here are skipped).
+    binds: tuple[str, ...] = ()
+    # Shell lines that put `apptainer` on PATH in a block (e.g. `module load apptainer`).
+    container_init: str = ""
 
 
 def walltime_seconds(walltime: str) -> int:
@@ -91,9 +95,33 @@ def check_queue(site: Site, queue: str, nodes: int, walltime: str) -> None:
                           "shorten walltime or pick a queue with longer jobs")
 
 
-def _worker_init(site: Site, user: str) -> str:
+def _worker_init(site: Site, user: str, container: str | None = None) -> str:
     # The user's lines go last and verbatim, so they can override anything the site sets.
-    return "\n".join(s for s in (site.worker_init, user) if s)
+    lines = (site.worker_init, site.container_init if container else "", user)
+    return "\n".join(s for s in lines if s)
+
+
+def _launch_cmd(site: Site, container: str | None, binds: tuple[str, ...], run_dir: str):
+    """Parsl's worker-pool command, wrapped in `apptainer exec` when workers use an image.
+
+    The image must hold the driver's Parsl: checked here, before anything is submitted.
+    """
+    if not container:
+        return None
+    from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
+
+    from parsl_aurora import container as ctr
+
+    image = Path(container)
+    if not image.is_file():
+        raise ConfigError("container", container, "a path to an existing .sif image",
+                          "build one with `make image` or fetch it with `make pull`")
+    ctr.check_image_parsl(str(image.resolve()))
+    # Worker logs go under run_dir; the other binds are the site's, where this host has them.
+    wanted = [b for b in site.binds if Path(b.split(":")[0]).exists()]
+    wanted += [str(Path(run_dir).resolve()), *binds]
+    return ctr.wrap_launch_cmd(DEFAULT_LAUNCH_CMD, str(image.resolve()),
+                               list(dict.fromkeys(wanted)))
 
 
 def _scheduler_options(filesystems: str, extra: str) -> str:
@@ -106,7 +134,7 @@ def _prepare(site: Site, run_dir: str) -> None:
         os.environ.update(site.prepare(Path(run_dir, "fake")))
 
 
-def _htex_tiles(site: Site, node: Node, provider, label: str):
+def _htex_tiles(site: Site, node: Node, provider, label: str, launch_cmd: str | None):
     from parsl.executors import HighThroughputExecutor
 
     affinity = ("none" if site.cores_per_worker is None
@@ -124,6 +152,7 @@ def _htex_tiles(site: Site, node: Node, provider, label: str):
         # Tasks wait in the interchange, not on a busy worker, so a new block can take them.
         prefetch_capacity=0,
         provider=provider,
+        launch_cmd=launch_cmd,
     )
 
 
@@ -131,7 +160,8 @@ def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
               walltime: str = "0:30:00", nodes_per_job: int = 1, max_jobs: int = 1,
               filesystems: str = "home:flare", worker_init: str = "", retries: int = 1,
               select_options: str = "", scheduler_options: str = "",
-              run_dir: str = "runinfo"):
+              run_dir: str = "runinfo", container: str | None = None,
+              binds: tuple[str, ...] = ()):
     """Many PBS jobs, one worker pool per node, one worker per GPU tile."""
     from parsl.config import Config
     from parsl.launchers import MpiExecLauncher
@@ -148,7 +178,7 @@ def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
         queue=queue,
         walltime=walltime,
         scheduler_options=_scheduler_options(filesystems, scheduler_options),
-        worker_init=_worker_init(site, worker_init),
+        worker_init=_worker_init(site, worker_init, container),
         # PALS spells binding --cpu-bind (it rejects --bind-to); one pool per node.
         launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1"),
         select_options=select_options,
@@ -157,7 +187,8 @@ def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
         max_blocks=max_jobs,
         cpus_per_node=node.cpus,
     )
-    return Config(executors=[_htex_tiles(site, node, provider, "htex_tiles")],
+    launch_cmd = _launch_cmd(site, container, binds, run_dir)
+    return Config(executors=[_htex_tiles(site, node, provider, "htex_tiles", launch_cmd)],
                   retries=retries, run_dir=run_dir,
                   strategy_period=STRATEGY_PERIOD)
 
@@ -166,7 +197,8 @@ def mpi_ensemble(site: Site, node: Node, *, account: str, nodes_per_task: int = 
                  nodes_per_job: int = 10, max_jobs: int = 1, queue: str = "debug-scaling",
                  walltime: str = "0:30:00", filesystems: str = "home:flare",
                  worker_init: str = "", retries: int = 1, select_options: str = "",
-                 scheduler_options: str = "", run_dir: str = "runinfo"):
+                 scheduler_options: str = "", run_dir: str = "runinfo",
+                 container: str | None = None, binds: tuple[str, ...] = ()):
     """Ensembles of multi-node MPI tasks: each worker owns a slot of nodes_per_task nodes."""
     from parsl.config import Config
     from parsl.executors import MPIExecutor
@@ -197,7 +229,7 @@ def mpi_ensemble(site: Site, node: Node, *, account: str, nodes_per_task: int = 
         queue=queue,
         walltime=walltime,
         scheduler_options=_scheduler_options(filesystems, scheduler_options),
-        worker_init=_worker_init(site, worker_init),
+        worker_init=_worker_init(site, worker_init, container),
         # One pool on the first node; each task's mpiexec spreads over its slot's nodes.
         launcher=SimpleLauncher(),
         select_options=select_options,
@@ -209,6 +241,7 @@ def mpi_ensemble(site: Site, node: Node, *, account: str, nodes_per_task: int = 
         label="mpi_tasks",
         max_workers_per_block=nodes_per_job // nodes_per_task,
         provider=provider,
+        launch_cmd=_launch_cmd(site, container, binds, run_dir),
     )
     return Config(executors=[executor], retries=retries, run_dir=run_dir,
                   strategy_period=STRATEGY_PERIOD)
@@ -232,7 +265,8 @@ def read_nodefile(nodefile: str | os.PathLike | None) -> list[str]:
 
 
 def in_job(site: Site, node: Node, *, nodefile: str | None = None, worker_init: str = "",
-           retries: int = 0, run_dir: str = "runinfo"):
+           retries: int = 0, run_dir: str = "runinfo", container: str | None = None,
+           binds: tuple[str, ...] = ()):
     """Everything inside one PBS job: one worker pool per node of the job, started by mpiexec."""
     from parsl.config import Config
     from parsl.launchers import MpiExecLauncher
@@ -240,7 +274,7 @@ def in_job(site: Site, node: Node, *, nodefile: str | None = None, worker_init: 
 
     _prepare(site, run_dir)
     hosts = read_nodefile(nodefile)
-    init = _worker_init(site, worker_init)
+    init = _worker_init(site, worker_init, container)
     if nodefile:
         # MpiExecLauncher reads $PBS_NODEFILE in the block's script; point it at our file.
         init = "\n".join(s for s in (f"export PBS_NODEFILE={Path(nodefile).resolve()}", init) if s)
@@ -251,6 +285,7 @@ def in_job(site: Site, node: Node, *, nodefile: str | None = None, worker_init: 
         max_blocks=1,
         worker_init=init,
     )
-    return Config(executors=[_htex_tiles(site, node, provider, "htex_tiles")],
+    launch_cmd = _launch_cmd(site, container, binds, run_dir)
+    return Config(executors=[_htex_tiles(site, node, provider, "htex_tiles", launch_cmd)],
                   retries=retries, run_dir=run_dir,
                   strategy_period=STRATEGY_PERIOD)
