@@ -333,3 +333,12 @@ def test_image_with_another_parsl_fails_at_once(built_image):
     with pytest.raises(ImageError, match="holds parsl 2025.1.13, but this workflow runs parsl "
                                          "2024.12.2"):
         check_image_parsl(str(built_image), expected="2024.12.2")
+
+
+def test_build_without_apptainer_says_how_to_get_it(tmp_path):
+    """No apptainer on PATH: one line naming the installer, non-zero exit, nothing built."""
+    out = run(sys.executable, "-m", "parsl_aurora.image", "--root", str(ROOT), "build",
+              "--image", str(tmp_path / "x.sif"), env={**os.environ, "PATH": str(tmp_path)})
+    assert out.returncode != 0
+    assert "apptainer is not on PATH" in out.stderr and ".ci/install-apptainer" in out.stderr
+    assert not (tmp_path / "x.sif").exists()
