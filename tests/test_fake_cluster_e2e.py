@@ -86,7 +86,8 @@ def allreduce(parsl_resource_specification, python=sys.executable, stdout=None):
             "print(s, c.size, MPI.Get_processor_name()) if c.rank == 0 else None'")
 
 spec = {"num_nodes": 2, "ranks_per_node": 12, "num_ranks": 24}
-with parsl.load(site_configs.load("local", "mpi_ensemble", nodes_per_job=4)):
+# One 2-node slot: the tasks run one after the other, 24 ranks at a time on 2 cores.
+with parsl.load(site_configs.load("local", "mpi_ensemble", nodes_per_job=2)):
     fs = [allreduce(parsl_resource_specification=spec, stdout=f"{os.getcwd()}/allreduce_{i}.out") for i in range(2)]
     print([f.result() for f in fs])
 """
