@@ -5,7 +5,7 @@ NOX := $(TOOLS)/bin/nox
 # Versions of the tools that drive everything else (the only place they are pinned).
 TOOL_PINS := nox==2026.10.20 uv==0.13.9
 
-.PHONY: help test lint demo bench image lock install-apptainer clean
+.PHONY: help test lint demo bench image lock publish pull install-apptainer clean
 
 help: ## show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -31,6 +31,12 @@ image: $(NOX) ## build aurora.sif with apptainer (reused when unchanged)
 
 lock: $(NOX) ## recompile container/requirements.lock from pyproject.toml
 	$(NOX) -s lock
+
+publish: $(NOX) ## sign and push aurora.sif: REGISTRY=oras://host/repo SIGN_KEY=key.pem [TAG=] [INSECURE=1]
+	$(NOX) -s publish -- $(REGISTRY) --key $(SIGN_KEY) $(if $(TAG),--tag $(TAG)) $(if $(filter 1,$(INSECURE)),--insecure)
+
+pull: $(NOX) ## fetch and verify: REGISTRY=oras://host/repo TAG=t VERIFY_KEY=pub.pem [INSECURE=1]
+	$(NOX) -s pull -- $(REGISTRY) $(TAG) --verify-key $(VERIFY_KEY) $(if $(filter 1,$(INSECURE)),--insecure)
 
 install-apptainer: ## install apptainer on Debian 12 (root; CI runs this)
 	bash .ci/install-apptainer

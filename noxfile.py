@@ -54,3 +54,17 @@ def lock(session: nox.Session) -> None:
     """Recompile container/requirements.lock from pyproject.toml's pins (needs the index)."""
     session.install("uv", ".")
     session.run("python", "-m", "parsl_aurora.image", "lock", *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
+def publish(session: nox.Session) -> None:
+    """Sign aurora.sif and push it with its signed sha256: -- REGISTRY --key PRIVATE.pem."""
+    session.install(".")
+    session.run("python", "-m", "parsl_aurora.publish", *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
+def pull(session: nox.Session) -> None:
+    """Fetch a published aurora.sif; kept only if its signature and sha256 check out."""
+    session.install(".")
+    session.run("parsl-aurora", "pull", *session.posargs)

@@ -39,6 +39,27 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_pull(args) -> int:
+    from pathlib import Path
+
+    from parsl_aurora.publish import pull
+
+    sha = pull(args.registry, args.tag, Path(args.verify_key), out=Path(args.out),
+               insecure=args.insecure)
+    print(f"{args.out}: signature and sha256 {sha} verified")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from pathlib import Path
+
+    from parsl_aurora.publish import inspect
+
+    key = Path(args.verify_key) if args.verify_key else None
+    sys.stdout.write(inspect(Path(args.image), key))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="parsl-aurora",
@@ -56,6 +77,26 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a factory option, e.g. --set account=MyProj --set nodes_per_job=4")
     r.set_defaults(func=cmd_render)
+    pl = sub.add_parser(
+        "pull", help="fetch a published image, keeping it only if signature and sha256 match",
+        description="Pull oras://REGISTRY:TAG next to --out, check its signature against "
+                    "--verify-key and its sha256 against the one published at TAG.sha256, and "
+                    "only then move it into place. A failed check leaves nothing behind.")
+    pl.add_argument("registry", help="HOST[:PORT]/REPO, e.g. 127.0.0.1:5000/parsl-aurora/aurora")
+    pl.add_argument("tag", help="e.g. parsl-2025.1.13-8d5a104")
+    pl.add_argument("--verify-key", required=True, metavar="PUBLIC.pem",
+                    help="the publisher's public key")
+    pl.add_argument("--insecure", action="store_true", help="plain-http registry (--no-https)")
+    pl.add_argument("--out", default="aurora.sif", help="where to put it (default: aurora.sif)")
+    pl.set_defaults(func=cmd_pull)
+    ins = sub.add_parser(
+        "inspect", help="print an image's provenance labels and whether it is signed",
+        description="Print Parsl version, git commit, lock hash, stamp and build date from the "
+                    "image labels, its sha256, and its signatures (checked with --verify-key).")
+    ins.add_argument("image", nargs="?", default="aurora.sif")
+    ins.add_argument("--verify-key", default=None, metavar="PUBLIC.pem",
+                     help="also check the signature with this public key")
+    ins.set_defaults(func=cmd_inspect)
     return p
 
 

@@ -1,0 +1,373 @@
+"""Publish aurora.sif to an OCI registry (signed, with its sha256 beside it) and pull it back
+only after both the signature and the digest check out; also report an image's provenance.
+
+Pure functions build every apptainer command line; `publish()`, `pull()`, `inspect()` run them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from parsl_aurora.errors import AuroraError, ConfigError, ImageError
+from parsl_aurora.image import IMAGE, LABEL_PARSL, LABEL_STAMP, apptainer, labels_from_inspect
+
+# The published digest travels as a second, tiny SIF at TAG + DIGEST_SUFFIX: apptainer can only
+# push SIF files, and a SIF can carry a plain data object that is signed like any image.
+DIGEST_SUFFIX = ".sha256"
+# A data object must be in a group to be signable (`integrity: no groups found` otherwise).
+DIGEST_GROUP = "1"
+DIGEST_OBJECT_ID = "1"
+LABEL_COMMIT = "org.opencontainers.image.revision"
+LABEL_VERSION = "org.opencontainers.image.version"
+LABEL_LOCK = "parsl-aurora.lock-sha256"
+LABEL_CREATED = "org.opencontainers.image.created"
+# OCI distribution spec: what a tag may look like.
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+# Push/pull of ~60 MB on a login node; longer than this is a hung connection, not a slow one.
+TIMEOUT_S = 1800
+
+
+class RegistryError(ImageError):
+    """The registry could not be reached, or refused a push or pull."""
+
+
+class VerificationError(ImageError):
+    """A pulled image failed a check; `check` names which one (signature, digest)."""
+
+    def __init__(self, check: str, message: str):
+        self.check = check
+        super().__init__(message)
+
+
+# ---------------------------------------------------------------- pure: names
+def oras_ref(registry: str, tag: str) -> str:
+    """`oras://HOST[:PORT]/REPO:TAG` from REGISTRY (HOST/REPO, `oras://` optional) and TAG."""
+    repo = registry.removeprefix("oras://").rstrip("/")
+    if "/" not in repo or repo.startswith("/"):
+        raise ConfigError("REGISTRY", registry, "HOST[:PORT]/REPO",
+                          "name a repository too, e.g. 127.0.0.1:5000/parsl-aurora/aurora")
+    if ":" in repo.rsplit("/", 1)[1]:
+        raise ConfigError("REGISTRY", registry, "HOST[:PORT]/REPO without a tag",
+                          "give the tag separately: REGISTRY TAG")
+    check_tag(tag)
+    return f"oras://{repo}:{tag}"
+
+
+def check_tag(tag: str) -> str:
+    # The digest tag is TAG + ".sha256", so TAG must leave room for the suffix.
+    if not TAG_RE.fullmatch(tag) or len(tag) + len(DIGEST_SUFFIX) > 128:
+        raise ConfigError("TAG", tag, "letters, digits, '_', '.', '-', not starting with '.' or "
+                          f"'-', at most {128 - len(DIGEST_SUFFIX)} characters",
+                          "pick a tag like parsl-2025.1.13-8d5a104")
+    return tag
+
+
+def digest_tag(tag: str) -> str:
+    return check_tag(tag) + DIGEST_SUFFIX
+
+
+def default_tag(labels: Mapping[str, str]) -> str:
+    """`parsl-<parsl version>-<short commit>`, from the image's own labels."""
+    parsl, commit = labels.get(LABEL_PARSL), labels.get(LABEL_COMMIT)
+    if not parsl or not commit:
+        missing = LABEL_PARSL if not parsl else LABEL_COMMIT
+        raise ImageError(f"label {missing} is missing from the image, so there is no default "
+                         "tag; pass --tag, or rebuild with `python -m parsl_aurora.image build`")
+    return check_tag(f"parsl-{parsl}-{commit[:7]}")
+
+
+def digest_text(sha256: str, tag: str) -> str:
+    """The published digest, in `sha256sum` format (`sha256sum -c` works on `TAG.sif`).
+
+    Naming the tag stops a signed digest (with its signed image) being copied to another tag.
+    """
+    return f"{sha256}  {tag}.sif\n"
+
+
+def parse_digest(text: str, tag: str) -> str:
+    words = text.split()
+    if len(words) != 2 or not re.fullmatch(r"[0-9a-f]{64}", words[0]):
+        raise VerificationError("digest", f"the published digest {text[:80]!r} is not "
+                                "`SHA256  TAG.sif`; republish with `nox -s publish`")
+    if words[1] != f"{tag}.sif":
+        raise VerificationError("digest", f"digest check failed: the digest published at "
+                                f"{tag}{DIGEST_SUFFIX} is for {words[1]!r}, not {tag}.sif (copied "
+                                "between tags?); refusing it. Republish with `nox -s publish`")
+    return words[0]
+
+
+def count_signatures(sif_list_text: str) -> int:
+    """Signature objects in `apptainer sif list` output."""
+    return sum(1 for line in sif_list_text.splitlines() if "|Signature" in line)
+
+
+def signature_ids(sif_list_text: str) -> list[str]:
+    """IDs of the signature objects in `apptainer sif list` output."""
+    return [line.split("|")[0].strip() for line in sif_list_text.splitlines()
+            if "|Signature" in line]
+
+
+def why_unverified(apptainer_stderr: str) -> str:
+    """apptainer verify's FATAL line, turned into which check failed in words."""
+    text = apptainer_stderr
+    if "signature not found" in text or "no signatures" in text.lower():
+        return "it is not signed"
+    if "accepted signatures do not match threshold" in text:
+        return "it is not signed by this key"
+    return "its signed content does not match its signature (altered)"
+
+
+def last_error_line(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    fatal = [ln for ln in lines if ln.startswith(("FATAL", "ERROR"))]
+    return (fatal or lines or ["no output"])[-1]
+
+
+# ---------------------------------------------------------------- pure: command lines
+def sign_command(exe: str, key: str, image: str) -> list[str]:
+    return [exe, "sign", "--key", key, image]
+
+
+def verify_command(exe: str, key: str, image: str) -> list[str]:
+    return [exe, "verify", "--key", key, image]
+
+
+def push_command(exe: str, image: str, ref: str, insecure: bool = False) -> list[str]:
+    return [exe, "push", *(["--no-https"] if insecure else []), image, ref]
+
+
+def pull_command(exe: str, dest: str, ref: str, insecure: bool = False) -> list[str]:
+    return [exe, "pull", *(["--no-https"] if insecure else []), dest, ref]
+
+
+def sif_new_command(exe: str, sif: str) -> list[str]:
+    return [exe, "sif", "new", sif]
+
+
+def sif_add_command(exe: str, sif: str, data: str) -> list[str]:
+    # Datatype 7 is "Generic": raw bytes, no meaning to apptainer beyond being signable.
+    return [exe, "sif", "add", "--datatype", "7", "--groupid", DIGEST_GROUP,
+            "--filename", "sha256", sif, data]
+
+
+def sif_del_command(exe: str, sif: str, object_id: str) -> list[str]:
+    return [exe, "sif", "del", object_id, sif]
+
+
+def sif_dump_command(exe: str, sif: str) -> list[str]:
+    return [exe, "sif", "dump", DIGEST_OBJECT_ID, sif]
+
+
+def sif_list_command(exe: str, sif: str) -> list[str]:
+    return [exe, "sif", "list", sif]
+
+
+def inspect_command(exe: str, image: str) -> list[str]:
+    return [exe, "inspect", "--json", "--labels", image]
+
+
+# ---------------------------------------------------------------- pure: inspect output
+def format_provenance(image: str, labels: Mapping[str, str], sha256: str, signatures: int,
+                      verified: str | None = None) -> str:
+    """What `parsl-aurora inspect` prints: where the image came from and whether it is signed."""
+    def get(key):
+        return labels.get(key, "(missing)")
+    if signatures == 0:
+        signed = "no (unsigned; `nox -s publish` signs it)"
+    elif verified is None:
+        signed = f"yes, {signatures} signature(s) (not checked: add --verify-key PUBLIC.pem)"
+    else:
+        signed = f"yes, {signatures} signature(s); {verified}"
+    rows = [("image", image), ("sha256", sha256), ("parsl", get(LABEL_PARSL)),
+            ("parsl-aurora", get(LABEL_VERSION)), ("git commit", get(LABEL_COMMIT)),
+            ("lock sha256", get(LABEL_LOCK)), ("stamp", get(LABEL_STAMP)),
+            ("build date", get(LABEL_CREATED)), ("signed", signed)]
+    return "".join(f"{k + ':':<14}{v}\n" for k, v in rows)
+
+
+# ---------------------------------------------------------------- effects
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _run(cmd: list[str], *, what: str, error=ImageError, quiet: bool = False,
+         fix: str = "") -> str:
+    """Run CMD; on failure raise ERROR naming WHAT, apptainer's own last error line and FIX."""
+    fix = f". Fix: {fix}" if fix else ""
+    if not quiet:
+        print("+", shlex.join(cmd), file=sys.stderr, flush=True)
+    try:
+        r = subprocess.run(cmd, check=False, capture_output=True, text=True,
+                           timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise error(f"{what}: no answer after {TIMEOUT_S} s from `{shlex.join(cmd)}`; "
+                    f"check the network path to the registry{fix}") from None
+    if r.returncode != 0:
+        raise error(f"{what}: {last_error_line(r.stderr)}{fix}")
+    return r.stdout
+
+
+def _key_file(path: Path, kind: str, flag: str) -> Path:
+    if not path.is_file():
+        raise ConfigError(flag, str(path), f"an existing {kind} PEM file",
+                          "create a pair with `openssl genrsa -out private.pem 3072 && openssl "
+                          "rsa -in private.pem -pubout -out public.pem`")
+    return path
+
+
+def _registry_hint(insecure: bool) -> str:
+    return ("check REGISTRY and TAG, that the registry is up and, for a pull, that TAG was "
+            "published"
+            + ("" if insecure else "; a plain-http registry needs --insecure (INSECURE=1)"))
+
+
+def publish(image: Path, registry: str, key: Path, *, tag: str | None = None,
+            insecure: bool = False) -> tuple[str, str]:
+    """Sign IMAGE in place, push it to REGISTRY:TAG and its signed sha256 to TAG.sha256.
+
+    Returns (image reference, sha256).
+    """
+    exe = apptainer()
+    _key_file(key, "private", "--key")
+    if not image.is_file():
+        raise ImageError(f"{image} does not exist; build it with `nox -s image`")
+    tag = tag or default_tag(labels_from_inspect(
+        _run(inspect_command(exe, str(image)), what=f"cannot read labels of {image}")))
+    ref = oras_ref(registry, tag)
+    # Sign a copy and rename it over: a failed sign (bad key) leaves the image as it was, and
+    # a re-publish replaces old signatures instead of stacking them.
+    signing = image.with_name(f".{image.name}.{os.getpid()}.signing")
+    with tempfile.TemporaryDirectory(prefix=".publish-", dir=image.parent) as tmp:
+        try:
+            shutil.copyfile(image, signing)
+            # apptainer verify needs every signature to check out, so an old signature (maybe
+            # another key's) next to ours would fail every pull: drop it, then sign afresh.
+            listing = _run(sif_list_command(exe, str(signing)), what="sif list", quiet=True)
+            for obj in reversed(signature_ids(listing)):
+                _run(sif_del_command(exe, str(signing), obj), what="cannot drop old signature")
+            _run(sign_command(exe, str(key), str(signing)), what=f"cannot sign {image}")
+            os.chmod(signing, image.stat().st_mode)
+            signing.replace(image)
+        finally:
+            signing.unlink(missing_ok=True)
+        sha = sha256_file(image)
+        data = Path(tmp) / "sha256"
+        data.write_text(digest_text(sha, tag))
+        dsif = Path(tmp) / "digest.sif"
+        _run(sif_new_command(exe, str(dsif)), what="cannot create the digest SIF", quiet=True)
+        _run(sif_add_command(exe, str(dsif), str(data)), what="cannot fill the digest SIF",
+             quiet=True)
+        _run(sign_command(exe, str(key), str(dsif)), what="cannot sign the digest SIF")
+        # Image first: a reader between the two pushes sees an old digest and refuses; never
+        # a new digest that an old image would be checked against and pass.
+        hint = _registry_hint(insecure)
+        _run(push_command(exe, str(image), ref, insecure),
+             what=f"cannot push to {ref}", error=RegistryError, fix=hint)
+        dref = oras_ref(registry, digest_tag(tag))
+        _run(push_command(exe, str(dsif), dref, insecure),
+             what=f"cannot push to {dref}", error=RegistryError, fix=hint)
+    return ref, sha
+
+
+def pull(registry: str, tag: str, verify_key: Path, *, out: Path = Path(IMAGE),
+         insecure: bool = False) -> str:
+    """Pull REGISTRY:TAG to OUT only if it is signed by VERIFY_KEY and matches its published
+    sha256. Returns the sha256. On any failure OUT is untouched and nothing else is left.
+    """
+    exe = apptainer()
+    _key_file(verify_key, "public", "--verify-key")
+    ref, dref = oras_ref(registry, tag), oras_ref(registry, digest_tag(tag))
+    out = out.absolute()
+    if not out.parent.is_dir():
+        raise ConfigError("--out", str(out), "a path in an existing directory",
+                          f"create {out.parent} first")
+    hint = _registry_hint(insecure)
+    # Next to OUT, so the final rename is atomic (same filesystem); removed whatever happens.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.pull-", dir=out.parent) as tmp:
+        dsif, image = Path(tmp) / "digest.sif", Path(tmp) / "image.sif"
+        _run(pull_command(exe, str(dsif), dref, insecure),
+             what=f"cannot pull the published digest {dref}", error=RegistryError, fix=hint)
+        _verify(exe, verify_key, dsif, f"the published digest {dref}")
+        want = parse_digest(_run(sif_dump_command(exe, str(dsif)), what="sif dump", quiet=True),
+                            tag)
+        _run(pull_command(exe, str(image), ref, insecure),
+             what=f"cannot pull {ref}", error=RegistryError, fix=hint)
+        _verify(exe, verify_key, image, ref)
+        have = sha256_file(image)
+        if have != want:
+            raise VerificationError(
+                "digest", f"digest check failed: {ref} has sha256 {have} but {want} was "
+                f"published; refusing it (nothing written to {out}). Republish, or ask who "
+                "can write to the registry")
+        os.replace(image, out)
+    return have
+
+
+def _verify(exe: str, key: Path, sif: Path, name: str) -> None:
+    r = subprocess.run(verify_command(exe, str(key), str(sif)), check=False,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise VerificationError(
+            "signature", f"signature check failed: {name}: {why_unverified(r.stderr)} "
+            f"({last_error_line(r.stderr)}); refusing it. Fix: check --verify-key {key} is "
+            "the publisher's public key, or republish")
+
+
+def inspect(image: Path, verify_key: Path | None = None) -> str:
+    exe = apptainer()
+    if not image.is_file():
+        raise ImageError(f"{image} does not exist; build it (`nox -s image`) or pull it "
+                         "(`parsl-aurora pull REGISTRY TAG --verify-key PUBLIC.pem`)")
+    labels = labels_from_inspect(_run(inspect_command(exe, str(image)),
+                                      what=f"cannot read labels of {image}", quiet=True))
+    sigs = count_signatures(_run(sif_list_command(exe, str(image)),
+                                 what=f"cannot list {image}", quiet=True))
+    verified = None
+    if verify_key is not None and sigs:
+        _key_file(verify_key, "public", "--verify-key")
+        r = subprocess.run(verify_command(exe, str(verify_key), str(image)),
+                           check=False, capture_output=True, text=True)
+        verified = ("verified with " + str(verify_key) if r.returncode == 0
+                    else f"NOT verified with {verify_key}: {why_unverified(r.stderr)}")
+    return format_provenance(str(image), labels, sha256_file(image), sigs, verified)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m parsl_aurora.publish",
+                                description="Sign aurora.sif and push it, with its sha256, to "
+                                            "oras://REGISTRY:TAG (and REGISTRY:TAG.sha256).")
+    p.add_argument("registry", help="HOST[:PORT]/REPO, e.g. 127.0.0.1:5000/parsl-aurora/aurora")
+    p.add_argument("--key", type=Path, required=True, help="private PEM key to sign with "
+                   "(kept out of the repository)")
+    p.add_argument("--tag", default=None, help="default: parsl-<parsl version>-<short commit> "
+                   "from the image labels")
+    p.add_argument("--image", type=Path, default=Path(IMAGE), help=f"default: {IMAGE}")
+    p.add_argument("--insecure", action="store_true",
+                   default=os.environ.get("INSECURE", "") not in ("", "0"),
+                   help="plain-http registry (apptainer --no-https); default from INSECURE=1")
+    a = p.parse_args(argv)
+    try:
+        ref, sha = publish(a.image, a.registry, a.key, tag=a.tag, insecure=a.insecure)
+    except AuroraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"published {ref} (sha256 {sha}) and its digest at {ref}{DIGEST_SUFFIX}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
