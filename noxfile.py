@@ -68,3 +68,10 @@ def pull(session: nox.Session) -> None:
     """Fetch a published aurora.sif; kept only if its signature and sha256 check out."""
     session.install(".")
     session.run("parsl-aurora", "pull", *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
+def reproducible(session: nox.Session) -> None:
+    """Build the image twice from clean and compare packages, files and squashfs digest."""
+    session.install("pip", ".[test]")
+    session.run("python", "-m", "parsl_aurora.reproducible", *session.posargs)
