@@ -37,9 +37,9 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Benchmark the fake cluster against Parsl's default config, side by side."""
-    session.install("-e", ".[test]")
-    session.run("python", "benchmarks/first_result.py", *session.posargs)
+    """Run every benchmark side by side and rewrite docs/benchmarks.md (-- --only throughput)."""
+    session.install("pip", "-e", ".[test]")  # pip: the image build and the venv cases use it
+    session.run("python", "benchmarks/run_all.py", *session.posargs)
 
 
 @nox.session(python=PYTHON, default=bool(shutil.which("apptainer")))
