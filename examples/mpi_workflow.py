@@ -11,12 +11,14 @@ import parsl
 from parsl import bash_app
 
 import site_configs
+from parsl_aurora.errors import run_main
 
 # 12 ranks per node, one per tile; set_affinity_gpu_aurora.sh turns the local rank into a tile.
 SPEC = {"num_nodes": 2, "ranks_per_node": 12, "num_ranks": 24}
 
 
-@bash_app
+# cache=True lets a config's resume=True skip tasks a killed earlier run finished (else no-op).
+@bash_app(cache=True)
 def mpi_hello_affinity(parsl_resource_specification, depth=8, stdout=None, stderr=None):
     # $PARSL_MPI_PREFIX is `mpiexec -n 24 -ppn 12 -hosts <this task's two nodes>`.
     return (f"$PARSL_MPI_PREFIX --cpu-bind depth --depth={depth} "
@@ -42,4 +44,5 @@ def main(tasks: int = 10) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # A bad config or image is one line on stderr and exit status 2, as with parsl-aurora.
+    sys.exit(run_main(main))

@@ -12,9 +12,11 @@ import parsl
 from parsl import bash_app, python_app
 
 import site_configs
+from parsl_aurora.errors import run_main
 
 
-@python_app
+# cache=True lets a config's resume=True skip tasks a killed earlier run finished (else no-op).
+@python_app(cache=True)
 def where_am_i(task: int, meeting: str, tasks: int) -> dict:
     """Report the node, tile and CPUs this task ran on, once all `tasks` are running at once.
 
@@ -38,7 +40,8 @@ def where_am_i(task: int, meeting: str, tasks: int) -> dict:
     }
 
 
-@bash_app
+# cache=True lets a config's resume=True skip tasks a killed earlier run finished (else no-op).
+@bash_app(cache=True)
 def hello_affinity(stdout=None, stderr=None):
     # On Aurora and in the image, hello-affinity is on PATH (the bundle's stand-in for ALCF's
     # SYCL hello_affinity); swap in your own executable here.
@@ -99,4 +102,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # A bad config or image is one line on stderr and exit status 2, as with parsl-aurora.
+    sys.exit(run_main(main))

@@ -30,6 +30,12 @@ SITE = Site(
     binds=container.AURORA_BINDS,
     # Compute nodes have apptainer only as a module.
     container_init="module load apptainer",
+    # A pool killed with its job (walltime, node failure) gives its tasks back within a minute,
+    # not Parsl's two; ten-second heartbeats are noise for one interchange even at 10,000 nodes.
+    heartbeat=(10, 60),
+    # One qstat for all of the workflow's jobs every 30 s: the next job is asked for soon after
+    # one ends, at a load on the PBS server of a user watching `qstat` by hand.
+    qstat_interval=30,
 )
 
 

@@ -40,6 +40,10 @@ def site(n: Node) -> Site:
         # behind the fake's commands (the mpich wheel's own mpiexec lives beside python).
         worker_init=f"export PATH={fake.bin_dir()}:{Path(sys.executable).parent}:$PATH",
         prepare=fake.environment,
+        # The fake's qstat and heartbeats are cheap and local: notice lost pools and ended jobs
+        # within seconds, so walltime and crash tests finish in about a minute.
+        heartbeat=(1, 5),
+        qstat_interval=1,
     )
 
 

@@ -2,11 +2,13 @@
 Debian's docker-registry on loopback with a tiny signed SIF (no mocks).
 """
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -162,10 +164,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def factory_registry(tmp_path_factory):
-    """A docker-registry on 127.0.0.1:<free port>, storing in a tmp dir; stopped afterwards."""
-    root = tmp_path_factory.mktemp("registry")
+@contextlib.contextmanager
+def serve_registry(root: Path) -> Iterator[str]:
+    """A docker-registry on 127.0.0.1:<free port>, storing under root; stopped afterwards."""
     port = _free_port()
     config = root / "config.yml"
     config.write_text(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
@@ -186,6 +187,12 @@ def factory_registry(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def factory_registry(tmp_path_factory):
+    with serve_registry(tmp_path_factory.mktemp("registry")) as repo:
+        yield repo
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,10 @@ USER_INIT = "source $HOME/_env/bin/activate; cd /home/me/run"
 
 
 def provider_fields(p):
+    # Our PBSProProvider only adds a settable qstat interval to Parsl's; compare Parsl's class.
+    parsl_class = next(c for c in type(p).__mro__ if c.__module__.startswith("parsl."))
     fields = {
-        "provider": type(p), "nodes_per_block": p.nodes_per_block, "min_blocks": p.min_blocks,
+        "provider": parsl_class, "nodes_per_block": p.nodes_per_block, "min_blocks": p.min_blocks,
         "max_blocks": p.max_blocks, "init_blocks": p.init_blocks,
         "launcher": type(p.launcher),
         "launcher_opts": (getattr(p.launcher, "bind_cmd", None),
@@ -91,7 +93,8 @@ def test_in_job_matches_page(tmp_path, monkeypatch):
     ours = config.executors[0]
     assert htex_fields(ours) == htex_fields(page)
     assert provider_fields(ours.provider) == provider_fields(page.provider)
-    assert config.retries == 0
+    # Deliberately unlike the page: a pool lost mid-task gets its tasks run once more.
+    assert config.retries == 1
 
 
 def test_factories_build_fresh_configs():
@@ -183,10 +186,34 @@ def test_in_job_empty_nodefile(tmp_path):
 
 def test_in_job_nodefile_argument_reaches_launcher(tmp_path):
     f = tmp_path / "nodes"
-    f.write_text("a\n\nb\n")
+    f.write_text("a\nb\na\n")
     provider = aurora.in_job(nodefile=str(f)).executors[0].provider
     assert provider.nodes_per_block == 2
     assert f"export PBS_NODEFILE={f}" in provider.worker_init
+
+
+def test_in_job_refuses_blank_lines_in_nodefile(tmp_path):
+    # The launcher would pass the blank line to mpiexec as a host name, after the queue wait.
+    f = tmp_path / "nodes"
+    f.write_text("a\n\nb\n")
+    with pytest.raises(ConfigError, match="line 2 is '': remove blank lines"):
+        aurora.in_job(nodefile=str(f))
+
+
+def test_reliability_defaults():
+    """Encrypted, drained before walltime, lost pools noticed in seconds, jobs polled often."""
+    for config in (aurora.multi_job(account="P", walltime="1:00:00"),
+                   aurora.mpi_ensemble(account="P", walltime="1:00:00")):
+        ex = config.executors[0]
+        assert ex.encrypted is True
+        assert ex.drain_period == 3600 - 300
+        assert (ex.heartbeat_period, ex.heartbeat_threshold) == aurora.SITE.heartbeat
+        assert ex.provider.status_polling_interval == aurora.SITE.qstat_interval < 60
+    assert aurora.multi_job(account="P", walltime="0:10:00").executors[0].drain_period == 540
+    off = aurora.multi_job(account="P", drain_margin="0:00:00").executors[0]
+    assert off.drain_period is None
+    with pytest.raises(ConfigError, match=r"drain_margin='0:30:00'.*less than the walltime"):
+        aurora.multi_job(account="P", walltime="0:30:00", drain_margin="0:30:00")
 
 
 def test_container_must_exist(tmp_path):
@@ -199,3 +226,19 @@ def test_container_from_environment_reaches_the_factory(tmp_path, monkeypatch):
     (tmp_path / "nodes").write_text("x1\n")
     with pytest.raises(ConfigError, match="missing.sif"):
         site_configs.load("aurora", "in_job", nodefile=str(tmp_path / "nodes"))
+
+
+def test_resume_and_monitoring_options(tmp_path):
+    (tmp_path / "runinfo" / "000" / "checkpoint").mkdir(parents=True)
+    for mode, kw in (("multi_job", {"account": "P"}), ("mpi_ensemble", {"account": "P"}),
+                     ("in_job", {"nodefile": str(tmp_path / "nodes")})):
+        (tmp_path / "nodes").write_text("x1\n")
+        plain = site_configs.load("aurora", mode, **kw)
+        assert plain.checkpoint_mode is None and not plain.checkpoint_files
+        assert plain.monitoring is None
+        config = site_configs.load("aurora", mode, resume=True, monitoring=True,
+                                   run_dir=str(tmp_path / "runinfo"), **kw)
+        assert config.app_cache is True and config.checkpoint_mode == "task_exit"
+        assert config.checkpoint_files == [str(tmp_path / "runinfo" / "000" / "checkpoint")]
+        assert config.monitoring.logging_endpoint == \
+            f"sqlite:///{tmp_path / 'runinfo' / 'monitoring.db'}"

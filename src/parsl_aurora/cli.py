@@ -1,6 +1,6 @@
 """The `parsl-aurora` command: dry-run renders of site configs (and, later, image tools).
 
-Errors print as one line and exit 2; --debug shows the traceback.
+Errors, usage mistakes included, print as one line and exit 2; --debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import argparse
 import ast
 import sys
 
-from parsl_aurora.errors import AuroraError
+from parsl_aurora.errors import EXIT_STATUS, ConfigError, one_line, run_main
 
 
 def _value(text: str):
@@ -25,7 +25,7 @@ def _settings(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, val = pair.partition("=")
         if not sep or not key:
-            raise AuroraError(f"--set {pair!r} is not key=value; write e.g. --set queue=debug")
+            raise ConfigError("--set", pair, "key=value", "write e.g. --set queue=debug")
         out[key] = _value(val)
     return out
 
@@ -60,8 +60,19 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line with the fix, like every other error here.
+
+    Subcommands' parsers are made from the same class (add_subparsers' default).
+    """
+
+    def error(self, message: str):
+        self.exit(EXIT_STATUS, one_line(self.prog, f"{message}. Fix: see `{self.prog} --help`")
+                  + "\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="parsl-aurora",
         description="Run Parsl on ALCF Aurora from one frozen environment: render site configs, "
                     "inspect and fetch images.")
@@ -102,13 +113,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except AuroraError as e:
-        if args.debug:
-            raise
-        print(f"parsl-aurora: error: {e}", file=sys.stderr)
-        return 2
+    return run_main(lambda: args.func(args), "parsl-aurora", debug=args.debug or None)
 
 
 if __name__ == "__main__":

@@ -61,14 +61,17 @@ def parsl_version_from_labels(labels: dict[str, str]) -> str | None:
 
 def image_parsl_version(image: str) -> str:
     """The Parsl inside `image`: its label if it has one, else what `import parsl` says."""
-    inspect = subprocess.run(["apptainer", "inspect", "--json", "--labels", image],
+    from parsl_aurora.image import apptainer
+
+    exe = apptainer()  # a missing runtime says how to install it, before any subprocess
+    inspect = subprocess.run([exe, "inspect", "--json", "--labels", image],
                              capture_output=True, text=True, check=False)
     if inspect.returncode == 0:
         labels = json.loads(inspect.stdout)["data"]["attributes"].get("labels") or {}
         version = parsl_version_from_labels(labels)
         if version:
             return version
-    run = subprocess.run(["apptainer", "exec", image, "python", "-c",
+    run = subprocess.run([exe, "exec", image, "python", "-c",
                           "import parsl; print(parsl.__version__)"],
                          capture_output=True, text=True, check=False)
     if run.returncode != 0:

@@ -1,11 +1,19 @@
 """Errors for people: each names the field, the bad value, the valid choices and the fix.
 
-The CLI prints `str(error)` as one line and exits non-zero; tracebacks only with --debug.
+Every entry point (the CLI, the example workflows) runs through `run_main`, which prints an
+AuroraError as one line and exits 2; tracebacks only with --debug or PARSL_AURORA_DEBUG=1.
+The cases and their messages: docs/errors.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+# argparse's status for a usage error; every refusal of ours uses it too.
+EXIT_STATUS = 2
 
 
 class AuroraError(Exception):
@@ -24,3 +32,25 @@ class ConfigError(AuroraError, ValueError):
 
 class ImageError(AuroraError):
     """An image is missing, unreadable, unsigned, altered or holds another Parsl."""
+
+
+def one_line(prog: str, error: object) -> str:
+    """`PROG: error: MESSAGE`, folded onto one line (a tool's stderr inside may span several)."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return f"{prog}: error: {text}"
+
+
+def run_main(main: Callable[[], int], prog: str | None = None, debug: bool | None = None) -> int:
+    """Run an entry point: an AuroraError becomes one line on stderr and exit status 2.
+
+    `prog` defaults to the script's name; `debug` (re-raise instead) to $PARSL_AURORA_DEBUG.
+    """
+    if debug is None:
+        debug = os.environ.get("PARSL_AURORA_DEBUG", "") not in ("", "0")
+    try:
+        return main()
+    except AuroraError as e:
+        if debug:
+            raise
+        print(one_line(prog or Path(sys.argv[0]).name, e), file=sys.stderr)
+        return EXIT_STATUS

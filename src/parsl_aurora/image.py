@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-from parsl_aurora.errors import ImageError
+from parsl_aurora.errors import ImageError, run_main
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,15 +49,19 @@ INSTALL_HINT = ("apptainer is not on PATH. Install it: `sudo bash .ci/install-ap
                 "(Debian 12), or `module load apptainer` on an Aurora compute node.")
 LABEL_PARSL = "org.parsl-project.parsl.version"
 LABEL_STAMP = "parsl-aurora.stamp"
+# An image every worker runs: readable and runnable (`./aurora.sif`) by all, writable by its
+# owner only, whatever the umask or the tool that wrote it (anyone who can write it can swap the
+# code every task runs).
+IMAGE_MODE = 0o755
 
 
 # ---------------------------------------------------------------- pure: versions and the lock
 def parsl_pin(pyproject_text: str) -> str:
     """The Parsl version pinned in pyproject.toml's dependencies (the one place it is pinned)."""
     for dep in tomllib.loads(pyproject_text)["project"]["dependencies"]:
-        name, sep, version = dep.replace(" ", "").partition("==")
-        if name.lower() == "parsl" and sep:
-            return version
+        m = re.fullmatch(r"([\w.-]+)(\[[\w,.-]*\])?==([^,;]+)", dep.replace(" ", ""))
+        if m and m.group(1).lower() == "parsl":
+            return m.group(3)
     raise ImageError("pyproject.toml: no `parsl==X` in [project] dependencies; the image lock "
                      "needs an exact Parsl pin there, e.g. \"parsl==2025.1.13\"")
 
@@ -201,6 +206,12 @@ def labels_from_inspect(json_text: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- effects
+def install_image(src: Path, dest: Path) -> None:
+    """Give a finished image IMAGE_MODE and rename it to DEST (atomic on one filesystem)."""
+    os.chmod(src, IMAGE_MODE)
+    os.replace(src, dest)
+
+
 def _run(cmd: list[str], cwd: Path) -> None:
     print("+", shlex.join(cmd), flush=True)
     subprocess.run(cmd, cwd=cwd, check=True)
@@ -324,7 +335,7 @@ def build(root: Path, image: Path, *, bootstrap: str | None = None,
                                     options=build_options(args), sudo=False, stream=True)
             for line in lines:  # raises CalledProcessError when the build fails
                 print(line, end="", flush=True)
-        tmp.replace(image)
+        install_image(tmp, image)
     finally:
         tmp.unlink(missing_ok=True)
     print(f"built {image} in {time.monotonic() - start:.0f} s, "
@@ -345,21 +356,22 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--base-digest", default=None, help=f"sha256:... of {BASE_TAG}")
     b.add_argument("--force", action="store_true", help="rebuild even when up to date")
     a = p.parse_args(argv)
-    try:
+
+    def run() -> int:
         root = a.root or find_root()
-        if a.cmd == "lock":
-            print(lock(root))
-        else:
-            build(root, a.image or root / IMAGE, bootstrap=a.bootstrap,
-                  base_digest=a.base_digest, force=a.force)
-    except ImageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except subprocess.CalledProcessError as e:
-        cmd = e.cmd if isinstance(e.cmd, str) else shlex.join(map(str, e.cmd))
-        print(f"error: `{cmd}` failed with exit code {e.returncode}", file=sys.stderr)
-        return 1
-    return 0
+        try:
+            if a.cmd == "lock":
+                print(lock(root))
+            else:
+                build(root, a.image or root / IMAGE, bootstrap=a.bootstrap,
+                      base_digest=a.base_digest, force=a.force)
+        except subprocess.CalledProcessError as e:
+            cmd = e.cmd if isinstance(e.cmd, str) else shlex.join(map(str, e.cmd))
+            raise ImageError(f"`{cmd}` failed with exit code {e.returncode}. Fix: see "
+                             "its output above") from None
+        return 0
+
+    return run_main(run, p.prog)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ MODES = ("multi_job", "mpi_ensemble", "in_job")
 # 0.2 s tick starts workers sooner and notices lost blocks faster; each tick is an in-process
 # check (scheduler polls keep their own, slower interval), so the cost is negligible.
 STRATEGY_PERIOD = 0.2
+# Installed on PATH with this package (and in the image): see _launch_cmd.
+GUARD = "worker_pool_guard.sh"
 WALLTIME = re.compile(r"^(\d+):([0-5]\d):([0-5]\d)$")
 
 
@@ -52,18 +54,48 @@ class Site:
     binds: tuple[str, ...] = ()
     # Shell lines that put `apptainer` on PATH in a block (e.g. `module load apptainer`).
     container_init: str = ""
+    # (period, threshold) in seconds: how often a worker pool and the interchange hear from each
+    # other, and how long a silence means the pool is gone and its tasks go back to be retried.
+    # Parsl's (30, 120) leaves tasks in a job killed at walltime stranded for two minutes.
+    heartbeat: tuple[int, int] = (30, 120)
+    # Seconds between qstat calls: how soon a job that ended is noticed and replaced.
+    qstat_interval: int = 60
+
+
+def _seconds(name: str, value: object) -> int:
+    m = WALLTIME.match(value) if isinstance(value, str) else None
+    if not m:
+        raise ConfigError(name, value, "H:MM:SS, e.g. '0:30:00'",
+                          "write hours, minutes and seconds separated by colons")
+    h, mnt, s = map(int, m.groups())
+    return h * 3600 + mnt * 60 + s
 
 
 def walltime_seconds(walltime: str) -> int:
     """'1:30:00' -> 5400, refusing anything PBS would not read the same way."""
-    m = WALLTIME.match(walltime) if isinstance(walltime, str) else None
-    if not m:
-        raise ConfigError("walltime", walltime, "H:MM:SS, e.g. '0:30:00'",
-                          "write hours, minutes and seconds separated by colons")
-    h, mnt, s = map(int, m.groups())
-    if h == mnt == s == 0:
+    seconds = _seconds("walltime", walltime)
+    if seconds == 0:
         raise ConfigError("walltime", walltime, "a duration above 0:00:00", "ask for some time")
-    return h * 3600 + mnt * 60 + s
+    return seconds
+
+
+def drain_period(walltime: str, drain_margin: str | None) -> int | None:
+    """Seconds after a worker pool starts when it stops taking tasks; None never drains.
+
+    The margin should cover the longest task (and the pool's start-up, which it also eats into):
+    a task still running at walltime is killed and run again in the next job. By default it is a
+    tenth of the walltime, at most 5 minutes; '0:00:00' turns draining off.
+    """
+    total = walltime_seconds(walltime)
+    margin = (max(1, min(300, total // 10)) if drain_margin is None
+              else _seconds("drain_margin", drain_margin))
+    if margin == 0:
+        return None
+    if margin >= total:
+        raise ConfigError("drain_margin", drain_margin, f"less than the walltime ({walltime})",
+                          "ask for a longer walltime or a shorter drain_margin "
+                          "(about your longest task)")
+    return total - margin
 
 
 def _positive(name: str, value: object) -> int:
@@ -102,16 +134,21 @@ def _worker_init(site: Site, user: str, container: str | None = None) -> str:
     return "\n".join(s for s in lines if s)
 
 
-def _launch_cmd(site: Site, container: str | None, binds: tuple[str, ...], run_dir: str):
-    """Parsl's worker-pool command, wrapped in `apptainer exec` when workers use an image.
+def _launch_cmd(site: Site, container: str | None, binds: tuple[str, ...], run_dir: str) -> str:
+    """Parsl's worker-pool command under worker_pool_guard.sh, in `apptainer exec` when workers
+    use an image.
 
-    The image must hold the driver's Parsl: checked here, before anything is submitted.
+    The guard ends whatever a crashed pool leaves behind, so its block ends and a new one takes
+    its tasks (container/scripts/worker_pool_guard.sh says why). The image must hold the
+    driver's Parsl: checked here, before anything is submitted.
     """
-    if not container:
-        return None
     from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
 
     from parsl_aurora import container as ctr
+
+    command = f"{GUARD} {DEFAULT_LAUNCH_CMD}"
+    if not container:
+        return command
 
     image = Path(container)
     if not image.is_file():
@@ -121,7 +158,7 @@ def _launch_cmd(site: Site, container: str | None, binds: tuple[str, ...], run_d
     # Worker logs go under run_dir; the other binds are the site's, where this host has them.
     wanted = [b for b in site.binds if Path(b.split(":")[0]).exists()]
     wanted += [str(Path(run_dir).resolve()), *binds]
-    return ctr.wrap_launch_cmd(DEFAULT_LAUNCH_CMD, str(image.resolve()),
+    return ctr.wrap_launch_cmd(command, str(image.resolve()),
                                list(dict.fromkeys(wanted)))
 
 
@@ -135,7 +172,66 @@ def _prepare(site: Site, run_dir: str) -> None:
         os.environ.update(site.prepare(Path(run_dir, "fake")))
 
 
-def _htex_tiles(site: Site, node: Node, provider, label: str, launch_cmd: str | None):
+def _robust(site: Site, drain: int | None, encrypted: bool) -> dict:
+    """Executor settings every mode shares: how lost pools are noticed and who may connect."""
+    from functools import partial
+
+    from parsl.jobs.error_handlers import windowed_error_handler
+
+    period, threshold = site.heartbeat
+    return {
+        "heartbeat_period": period,
+        "heartbeat_threshold": threshold,
+        "drain_period": drain,
+        # Parsl's default gives up on the whole executor when every block so far has failed,
+        # e.g. the in-job mode's one block after a crash; three failures in a row still stop a
+        # workflow whose blocks cannot start at all.
+        "block_error_handler": partial(windowed_error_handler, threshold=3),
+        # CurveZMQ: only pools holding this run's keys can register, fetch tasks (pickles) or
+        # send results back; the interchange listens on a shared login node.
+        "encrypted": encrypted,
+    }
+
+
+def _config(executor, *, retries: int, run_dir: str, resume: bool, monitoring: bool):
+    """The Config around one executor, with checkpoint-resume and monitoring when asked for."""
+    from parsl.config import Config
+
+    extra: dict = {}
+    if resume:
+        from parsl.utils import get_all_checkpoints
+
+        # Apps declared with cache=True are skipped when an earlier run in run_dir finished
+        # them; each result is checkpointed as it arrives, so a killed driver loses none.
+        extra.update(app_cache=True, checkpoint_mode="task_exit",
+                     checkpoint_files=get_all_checkpoints(run_dir))
+    if monitoring:
+        try:
+            import sqlalchemy  # noqa: F401
+        except ImportError:
+            raise ConfigError("monitoring", True, "Parsl's monitoring extra installed",
+                              "install parsl-aurora (it brings parsl[monitoring]) or run in "
+                              "the image") from None
+        from parsl.monitoring import MonitoringHub
+
+        # Messages from workers travel through the interchange, which runs next to the hub.
+        extra["monitoring"] = MonitoringHub(
+            hub_address="127.0.0.1",
+            logging_endpoint=f"sqlite:///{Path(run_dir).resolve() / 'monitoring.db'}",
+            resource_monitoring_interval=10)
+    return Config(executors=[executor], retries=_retries(retries), run_dir=run_dir,
+                  strategy_period=STRATEGY_PERIOD, **extra)
+
+
+def _retries(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError("retries", value, "an integer >= 0",
+                          "pass retries=1 (each task runs at most twice)")
+    return value
+
+
+def _htex_tiles(site: Site, node: Node, provider, label: str, launch_cmd: str | None,
+                robust: dict):
     from parsl.executors import HighThroughputExecutor
 
     affinity = ("none" if site.cores_per_worker is None
@@ -154,6 +250,7 @@ def _htex_tiles(site: Site, node: Node, provider, label: str, launch_cmd: str | 
         prefetch_capacity=0,
         provider=provider,
         launch_cmd=launch_cmd,
+        **robust,
     )
 
 
@@ -162,17 +259,21 @@ def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
               filesystems: str = "home:flare", worker_init: str = "", retries: int = 1,
               select_options: str = "", scheduler_options: str = "",
               run_dir: str = "runinfo", container: str | None = None,
-              binds: tuple[str, ...] = ()):
+              binds: tuple[str, ...] = (), drain_margin: str | None = None,
+              encrypted: bool = True, resume: bool = False, monitoring: bool = False):
     """Many PBS jobs, one worker pool per node, one worker per GPU tile."""
-    from parsl.config import Config
-    from parsl.launchers import MpiExecLauncher
-    from parsl.providers import PBSProProvider
-
     check_account(account)
-    walltime_seconds(walltime)
+    drain = drain_period(walltime, drain_margin)
     _positive("nodes_per_job", nodes_per_job)
     _positive("max_jobs", max_jobs)
+    _retries(retries)
     check_queue(site, queue, nodes_per_job, walltime)
+    # Parsl is imported once the cheap checks pass: a refused request answers at once.
+    from parsl.launchers import MpiExecLauncher
+
+    from parsl_aurora.provider import PBSProProvider
+
+    launch_cmd = _launch_cmd(site, container, binds, run_dir)
     _prepare(site, run_dir)
     provider = PBSProProvider(
         account=account,
@@ -187,11 +288,12 @@ def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
         min_blocks=0,
         max_blocks=max_jobs,
         cpus_per_node=node.cpus,
+        status_polling_interval=site.qstat_interval,
     )
-    launch_cmd = _launch_cmd(site, container, binds, run_dir)
-    return Config(executors=[_htex_tiles(site, node, provider, "htex_tiles", launch_cmd)],
-                  retries=retries, run_dir=run_dir,
-                  strategy_period=STRATEGY_PERIOD)
+    executor = _htex_tiles(site, node, provider, "htex_tiles", launch_cmd,
+                           _robust(site, drain, encrypted))
+    return _config(executor, retries=retries, run_dir=run_dir, resume=resume,
+                   monitoring=monitoring)
 
 
 def mpi_ensemble(site: Site, node: Node, *, account: str, nodes_per_task: int = 2,
@@ -199,15 +301,12 @@ def mpi_ensemble(site: Site, node: Node, *, account: str, nodes_per_task: int = 
                  walltime: str = "0:30:00", filesystems: str = "home:flare",
                  worker_init: str = "", retries: int = 1, select_options: str = "",
                  scheduler_options: str = "", run_dir: str = "runinfo",
-                 container: str | None = None, binds: tuple[str, ...] = ()):
+                 container: str | None = None, binds: tuple[str, ...] = (),
+                 drain_margin: str | None = None, encrypted: bool = True,
+                 resume: bool = False, monitoring: bool = False):
     """Ensembles of multi-node MPI tasks: each worker owns a slot of nodes_per_task nodes."""
-    from parsl.config import Config
-    from parsl.executors import MPIExecutor
-    from parsl.launchers import SimpleLauncher
-    from parsl.providers import PBSProProvider
-
     check_account(account)
-    walltime_seconds(walltime)
+    drain = drain_period(walltime, drain_margin)
     _positive("nodes_per_task", nodes_per_task)
     _positive("nodes_per_job", nodes_per_job)
     _positive("max_jobs", max_jobs)
@@ -223,7 +322,14 @@ def mpi_ensemble(site: Site, node: Node, *, account: str, nodes_per_task: int = 
                           f"a multiple of nodes_per_task ({nodes_per_task})",
                           f"use nodes_per_job={nodes_per_job // nodes_per_task * nodes_per_task}"
                           " so no node sits idle")
+    _retries(retries)
     check_queue(site, queue, nodes_per_job, walltime)
+    from parsl.executors import MPIExecutor
+    from parsl.launchers import SimpleLauncher
+
+    from parsl_aurora.provider import PBSProProvider
+
+    launch_cmd = _launch_cmd(site, container, binds, run_dir)
     _prepare(site, run_dir)
     provider = PBSProProvider(
         account=account,
@@ -237,44 +343,56 @@ def mpi_ensemble(site: Site, node: Node, *, account: str, nodes_per_task: int = 
         nodes_per_block=nodes_per_job,
         max_blocks=max_jobs,
         cpus_per_node=node.cpus,
+        status_polling_interval=site.qstat_interval,
     )
     executor = MPIExecutor(
         label="mpi_tasks",
         max_workers_per_block=nodes_per_job // nodes_per_task,
         provider=provider,
-        launch_cmd=_launch_cmd(site, container, binds, run_dir),
+        launch_cmd=launch_cmd,
+        **_robust(site, drain, encrypted),
     )
-    return Config(executors=[executor], retries=retries, run_dir=run_dir,
-                  strategy_period=STRATEGY_PERIOD)
+    return _config(executor, retries=retries, run_dir=run_dir, resume=resume,
+                   monitoring=monitoring)
 
 
 def read_nodefile(nodefile: str | os.PathLike | None) -> list[str]:
-    """Host names from a PBS node file (`$PBS_NODEFILE` when none is given), blank lines ignored."""
+    """Host names from a PBS node file (`$PBS_NODEFILE` when none is given), one per line."""
     path = nodefile or os.environ.get("PBS_NODEFILE")
     if not path:
         raise ConfigError("nodefile", None, "a PBS node file",
                           "run inside a PBS job (which sets $PBS_NODEFILE) or pass nodefile=")
     try:
-        hosts = [h.strip() for h in Path(path).read_text().splitlines() if h.strip()]
-    except OSError as e:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or "not text"
         raise ConfigError("nodefile", str(path), "a readable file listing one host per line",
-                          f"check the path ({e.strerror})") from None
-    if not hosts:
+                          f"check the path ({why})") from None
+    hosts = [h.strip() for h in lines]
+    if not any(hosts):
         raise ConfigError("nodefile", str(path), "at least one host name",
                           "the node file is empty: is this the right job's $PBS_NODEFILE?")
+    # The launcher hands every distinct line to mpiexec as a host, a blank one included.
+    for number, host in enumerate(hosts, 1):
+        if not host or any(c.isspace() for c in host):
+            raise ConfigError("nodefile", str(path), "one host name per line",
+                              f"line {number} is {lines[number - 1]!r}: remove blank lines and "
+                              "spaces")
     return hosts
 
 
 def in_job(site: Site, node: Node, *, nodefile: str | None = None, worker_init: str = "",
-           retries: int = 0, run_dir: str = "runinfo", container: str | None = None,
-           binds: tuple[str, ...] = ()):
+           retries: int = 1, run_dir: str = "runinfo", container: str | None = None,
+           binds: tuple[str, ...] = (), encrypted: bool = True, resume: bool = False,
+           monitoring: bool = False):
     """Everything inside one PBS job: one worker pool per node of the job, started by mpiexec."""
-    from parsl.config import Config
+    hosts = read_nodefile(nodefile)
+    _retries(retries)
     from parsl.launchers import MpiExecLauncher
     from parsl.providers import LocalProvider
 
+    launch_cmd = _launch_cmd(site, container, binds, run_dir)
     _prepare(site, run_dir)
-    hosts = read_nodefile(nodefile)
     init = _worker_init(site, worker_init, container)
     if nodefile:
         # MpiExecLauncher reads $PBS_NODEFILE in the block's script; point it at our file.
@@ -286,7 +404,8 @@ def in_job(site: Site, node: Node, *, nodefile: str | None = None, worker_init: 
         max_blocks=1,
         worker_init=init,
     )
-    launch_cmd = _launch_cmd(site, container, binds, run_dir)
-    return Config(executors=[_htex_tiles(site, node, provider, "htex_tiles", launch_cmd)],
-                  retries=retries, run_dir=run_dir,
-                  strategy_period=STRATEGY_PERIOD)
+    # No drain: the job's walltime belongs to the script that started this driver.
+    executor = _htex_tiles(site, node, provider, "htex_tiles", launch_cmd,
+                           _robust(site, None, encrypted))
+    return _config(executor, retries=retries, run_dir=run_dir, resume=resume,
+                   monitoring=monitoring)

@@ -12,14 +12,22 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from parsl_aurora.errors import AuroraError, ConfigError, ImageError
-from parsl_aurora.image import IMAGE, LABEL_PARSL, LABEL_STAMP, apptainer, labels_from_inspect
+from parsl_aurora.errors import ConfigError, ImageError, run_main
+from parsl_aurora.image import (
+    IMAGE,
+    LABEL_PARSL,
+    LABEL_STAMP,
+    apptainer,
+    install_image,
+    labels_from_inspect,
+)
 
 # The published digest travels as a second, tiny SIF at TAG + DIGEST_SUFFIX: apptainer can only
 # push SIF files, and a SIF can carry a plain data object that is signed like any image.
@@ -246,12 +254,15 @@ def publish(image: Path, registry: str, key: Path, *, tag: str | None = None,
     if not image.is_file():
         raise ImageError(f"{image} does not exist; build it with `nox -s image`")
     tag = tag or default_tag(labels_from_inspect(
-        _run(inspect_command(exe, str(image)), what=f"cannot read labels of {image}")))
+        _run(inspect_command(exe, str(image)), what=f"cannot read labels of {image}",
+             fix="check the path, or rebuild the image with `make image`")))
     ref = oras_ref(registry, tag)
     # Sign a copy and rename it over: a failed sign (bad key) leaves the image as it was, and
     # a re-publish replaces old signatures instead of stacking them.
-    signing = image.with_name(f".{image.name}.{os.getpid()}.signing")
     with tempfile.TemporaryDirectory(prefix=".publish-", dir=image.parent) as tmp:
+        # The copy lives in this private (0700) folder until it is renamed: under a loose umask
+        # nobody else can open it and change what gets signed.
+        signing = Path(tmp) / "signing.sif"
         try:
             shutil.copyfile(image, signing)
             # apptainer verify needs every signature to check out, so an old signature (maybe
@@ -260,7 +271,8 @@ def publish(image: Path, registry: str, key: Path, *, tag: str | None = None,
             for obj in reversed(signature_ids(listing)):
                 _run(sif_del_command(exe, str(signing), obj), what="cannot drop old signature")
             _run(sign_command(exe, str(key), str(signing)), what=f"cannot sign {image}")
-            os.chmod(signing, image.stat().st_mode)
+            # The owner's mode, but never world-writable (a loose umask or an old chmod).
+            os.chmod(signing, stat.S_IMODE(image.stat().st_mode) & ~0o002)
             signing.replace(image)
         finally:
             signing.unlink(missing_ok=True)
@@ -313,7 +325,7 @@ def pull(registry: str, tag: str, verify_key: Path, *, out: Path = Path(IMAGE),
                 "digest", f"digest check failed: {ref} has sha256 {have} but {want} was "
                 f"published; refusing it (nothing written to {out}). Republish, or ask who "
                 "can write to the registry")
-        os.replace(image, out)
+        install_image(image, out)
     return have
 
 
@@ -333,7 +345,9 @@ def inspect(image: Path, verify_key: Path | None = None) -> str:
         raise ImageError(f"{image} does not exist; build it (`nox -s image`) or pull it "
                          "(`parsl-aurora pull REGISTRY TAG --verify-key PUBLIC.pem`)")
     labels = labels_from_inspect(_run(inspect_command(exe, str(image)),
-                                      what=f"cannot read labels of {image}", quiet=True))
+                                      what=f"cannot read labels of {image}", quiet=True,
+                                      fix="is it a SIF image? Rebuild it with `make image` "
+                                          "or pull it again"))
     sigs = count_signatures(_run(sif_list_command(exe, str(image)),
                                  what=f"cannot list {image}", quiet=True))
     verified = None
@@ -360,13 +374,13 @@ def main(argv: list[str] | None = None) -> int:
                    default=os.environ.get("INSECURE", "") not in ("", "0"),
                    help="plain-http registry (apptainer --no-https); default from INSECURE=1")
     a = p.parse_args(argv)
-    try:
+
+    def run() -> int:
         ref, sha = publish(a.image, a.registry, a.key, tag=a.tag, insecure=a.insecure)
-    except AuroraError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"published {ref} (sha256 {sha}) and its digest at {ref}{DIGEST_SUFFIX}")
-    return 0
+        print(f"published {ref} (sha256 {sha}) and its digest at {ref}{DIGEST_SUFFIX}")
+        return 0
+
+    return run_main(run, p.prog)
 
 
 if __name__ == "__main__":

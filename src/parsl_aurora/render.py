@@ -21,6 +21,8 @@ def worker_command(executor) -> str:
     """The executor's launch command for block 0, as the provider would receive it."""
     for name, value in PLACEHOLDERS.items():
         setattr(executor, name, value)
+    if executor.encrypted:  # the keys are made in the run directory when the executor starts
+        executor.cert_dir = f"<run_dir>/<NNN>/{executor.label}/certificates"
     executor.initialize_scaling()
     return executor.launch_cmd.format(block_id=0)
 

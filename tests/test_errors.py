@@ -1,0 +1,417 @@
+"""Bad input, end to end: every case runs a real entry point (the `parsl-aurora` command or an
+example workflow) in a subprocess and must print one line naming the problem and the fix, exit
+non-zero and leave nothing behind: no fake PBS job, no Parsl run, no file.
+
+The table below is also docs/errors.md: `python tests/test_errors.py --write-doc` rewrites it,
+and test_doc_lists_every_case fails when the two differ.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+from test_publish import REGISTRY_BIN, _free_port, data_keys, serve_registry  # noqa: F401  (data_keys: a fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "errors.md"
+BIN = Path(sys.executable).parent
+APPTAINER = shutil.which("apptainer")
+PARSL = version("parsl")
+OTHER_PARSL = "2024.12.2"
+# What the placeholders in the table read as in docs/errors.md.
+DOC_VALUES = {"dir": "$PWD", "parsl": PARSL, "bin": "$VENV/bin",
+              "registry": "127.0.0.1:5000/parsl-aurora/aurora",
+              "dead": "127.0.0.1:5999/parsl-aurora/aurora"}
+PROGS = {"parsl-aurora": [str(BIN / "parsl-aurora")],
+         "workflow.py": [sys.executable, str(ROOT / "examples" / "workflow.py")],
+         "mpi_workflow.py": [sys.executable, str(ROOT / "examples" / "mpi_workflow.py")]}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    did: str     # what the user did, in words
+    cmd: str     # `parsl-aurora ...`, `workflow.py` or `mpi_workflow.py`, then arguments
+    expect: str  # how the message starts, after "PROG: error: "
+    fix: str     # the part of the message saying what to do
+    env: dict = field(default_factory=dict)
+    # Made in the working folder first: text, or @other (a SIF holding another Parsl), @junk
+    # (bytes that are no SIF), @good_pub / @stranger_pub (the publisher's / a stranger's key).
+    files: dict = field(default_factory=dict)
+    needs: str = ""  # "apptainer" or "registry" (a loopback registry, apptainer too)
+    # `pull` echoes each apptainer command it starts ("+ apptainer pull ..."): progress, kept
+    # apart from the one error line.
+    echo: bool = False
+    broken: str = ""  # a known bug: the case is an xfail(strict) until it is fixed
+    prog: str = ""  # who speaks, when not the command's first word (argparse: "parsl-aurora render")
+
+
+NO_APPTAINER = {"PATH": "{bin}"}  # this interpreter's scripts only
+NODEFILE = "--set nodefile=nodes.txt"
+BLANK_LINE = {"nodes.txt": "x4102c0s0b0n0\n\nx4102c0s1b0n0\n"}
+DRAIN_FIX = "Fix: ask for a longer walltime or a shorter drain_margin"
+SITE_FIX = "Fix: pass site= or set PARSL_SITE to a known site"
+ACCOUNT_FIX = "Fix: pass account=... or set PARSL_ACCOUNT"
+CONTAINER_FIX = "Fix: build one with `make image` or fetch it with `make pull`"
+OTHER_FIX = ("Fix: rebuild the image from this checkout (`nox -s image`) or run the driver "
+             "inside it")
+INSTALL_FIX = "Install it: `sudo bash .ci/install-apptainer` (Debian 12), or `module load apptainer`"
+VERIFY_FIX = "Fix: check --verify-key public.pem is the publisher's public key, or republish"
+NOT_A_SIF = "cannot read the Parsl version of image '{dir}/junk.sif': FATAL:"
+
+CASES = [
+    # ------------------------------------------------ the command line
+    Case("cli-missing-argument", "left out the mode", "parsl-aurora render aurora",
+         "the following arguments are required: mode", "Fix: see `parsl-aurora render --help`",
+         prog="parsl-aurora render"),
+    Case("cli-unknown-command", "mistyped the command", "parsl-aurora show aurora",
+         "argument COMMAND: invalid choice: 'show'",
+         "Fix: see `parsl-aurora --help`"),
+    Case("cli-set-syntax", "wrote --set without =", "parsl-aurora render local multi_job --set queue",
+         "--set='queue' is not valid: expected key=value.", "Fix: write e.g. --set queue=debug"),
+    # ------------------------------------------------ choosing a config
+    Case("site-unknown", "named a site there is no config for",
+         "parsl-aurora render polaris multi_job",
+         "site='polaris' is not valid: expected aurora, local.", SITE_FIX),
+    Case("mode-unknown", "named a mode that does not exist", "parsl-aurora render aurora htex",
+         "mode='htex' is not valid: expected multi_job, mpi_ensemble, in_job.",
+         "Fix: pass mode= or set PARSL_MODE to a known mode"),
+    Case("option-unknown", "passed an option the mode does not take",
+         "parsl-aurora render local multi_job --set nodes=4",
+         "option='nodes' is not valid: expected account,",
+         "Fix: local.multi_job does not take 'nodes'; use one of the above"),
+    Case("account-missing", "left out the project to charge", "parsl-aurora render aurora multi_job",
+         "account=None is not valid: expected a value (aurora.multi_job requires it).",
+         ACCOUNT_FIX),
+    # ------------------------------------------------ walltime, queues, sizes
+    Case("walltime-format", "wrote the walltime as 30m",
+         "parsl-aurora render local multi_job --set walltime=30m",
+         "walltime='30m' is not valid: expected H:MM:SS, e.g. '0:30:00'.",
+         "Fix: write hours, minutes and seconds separated by colons"),
+    Case("walltime-zero", "asked for no time", "parsl-aurora render local multi_job "
+         "--set walltime=0:00:00", "walltime='0:00:00' is not valid: expected a duration above "
+         "0:00:00.", "Fix: ask for some time"),
+    Case("walltime-under-drain", "asked for a walltime shorter than the drain period",
+         "parsl-aurora render local multi_job --set walltime=0:05:00 --set drain_margin=0:10:00",
+         "drain_margin='0:10:00' is not valid: expected less than the walltime (0:05:00).",
+         DRAIN_FIX),
+    Case("queue-walltime", "asked the debug queue for two hours",
+         "parsl-aurora render local multi_job --set queue=debug --set walltime=2:00:00",
+         "walltime='2:00:00' is not valid: expected at most 1:00:00 in queue 'debug'.",
+         "Fix: shorten walltime or pick a queue with longer jobs"),
+    Case("queue-nodes", "asked the debug queue for 4-node jobs",
+         "parsl-aurora render aurora multi_job --set account=P --set nodes_per_job=4",
+         "nodes_per_job=4 is not valid: expected 1-2 nodes in queue 'debug'.",
+         "Fix: use a queue that takes 4 nodes (debug-scaling, capacity) or change nodes_per_job"),
+    Case("not-a-number", "wrote a count in words", "parsl-aurora render local multi_job "
+         "--set max_jobs=two", "max_jobs='two' is not valid: expected an integer >= 1.",
+         "Fix: pass max_jobs=1 or more"),
+    Case("retries-negative", "asked for -1 retries",
+         "parsl-aurora render local multi_job --set retries=-1",
+         "retries=-1 is not valid: expected an integer >= 0.",
+         "Fix: pass retries=1 (each task runs at most twice)"),
+    Case("ensemble-one-node", "asked the MPI ensemble for 1-node tasks",
+         "parsl-aurora render local mpi_ensemble --set nodes_per_task=1",
+         "nodes_per_task=1 is not valid: expected 2 or more.",
+         "Fix: MPIExecutor is for multi-node tasks; run single-node work with multi_job"),
+    Case("ensemble-task-too-big", "asked for tasks bigger than the job",
+         "parsl-aurora render local mpi_ensemble --set nodes_per_task=16",
+         "nodes_per_task=16 is not valid: expected at most nodes_per_job (10).",
+         "Fix: raise nodes_per_job or lower nodes_per_task"),
+    Case("ensemble-idle-nodes", "asked for jobs that tasks cannot fill",
+         "parsl-aurora render local mpi_ensemble --set nodes_per_job=9",
+         "nodes_per_job=9 is not valid: expected a multiple of nodes_per_task (2).",
+         "Fix: use nodes_per_job=8 so no node sits idle"),
+    Case("monitoring-missing", "asked for monitoring where sqlalchemy is not installed",
+         "parsl-aurora render local multi_job --set monitoring=True",
+         "monitoring=True is not valid: expected Parsl's monitoring extra installed.",
+         "Fix: install parsl-aurora (it brings parsl[monitoring]) or run in the image",
+         env={"PYTHONPATH": "{dir}/block"},
+         files={"block/sqlalchemy.py": "raise ImportError('No module named sqlalchemy')\n"}),
+    # ------------------------------------------------ in-job node files
+    Case("nodefile-none", "ran in_job outside a PBS job", "parsl-aurora render aurora in_job",
+         "nodefile=None is not valid: expected a PBS node file.",
+         "Fix: run inside a PBS job (which sets $PBS_NODEFILE) or pass nodefile="),
+    Case("nodefile-missing", "named a node file that does not exist",
+         f"parsl-aurora render aurora in_job {NODEFILE}",
+         "nodefile='nodes.txt' is not valid: expected a readable file listing one host per line.",
+         "Fix: check the path (No such file or directory)"),
+    Case("nodefile-empty", "named an empty node file", f"parsl-aurora render aurora in_job "
+         f"{NODEFILE}", "nodefile='nodes.txt' is not valid: expected at least one host name.",
+         "Fix: the node file is empty", files={"nodes.txt": ""}),
+    Case("nodefile-blank-line", "named a node file with a blank line",
+         f"parsl-aurora render local in_job {NODEFILE}",
+         "nodefile='nodes.txt' is not valid: expected one host name per line.",
+         "Fix: line 2 is '': remove blank lines and spaces", files=BLANK_LINE),
+    # ------------------------------------------------ images for the workers
+    Case("container-missing", "named an image that does not exist",
+         "parsl-aurora render local multi_job --set container=nope.sif",
+         "container='nope.sif' is not valid: expected a path to an existing .sif image.",
+         CONTAINER_FIX),
+    Case("container-not-a-sif", "named a file that is no image",
+         "parsl-aurora render local multi_job --set container=junk.sif", NOT_A_SIF,
+         "Fix: check the path, or rebuild it", files={"junk.sif": "@junk"}, needs="apptainer"),
+    Case("container-other-parsl", "named an image holding another Parsl",
+         "parsl-aurora render local multi_job --set container=other.sif",
+         f"image '{{dir}}/other.sif' holds parsl {OTHER_PARSL}, but this workflow runs parsl "
+         "{parsl};", OTHER_FIX, files={"other.sif": "@other"}, needs="apptainer"),
+    Case("container-no-apptainer", "asked for an image where apptainer is not on PATH",
+         "parsl-aurora render local multi_job --set container=aurora.sif",
+         "apptainer is not on PATH.", INSTALL_FIX, env=NO_APPTAINER, files={"aurora.sif": ""}),
+    # ------------------------------------------------ the example workflows
+    Case("workflow-no-site", "ran a workflow without PARSL_SITE", "workflow.py",
+         "site='' is not valid: expected aurora, local.", SITE_FIX),
+    Case("workflow-unknown-mode", "set PARSL_MODE to a mode that does not exist", "workflow.py",
+         "mode='gpu' is not valid: expected multi_job, mpi_ensemble, in_job.",
+         "Fix: pass mode= or set PARSL_MODE", env={"PARSL_SITE": "local", "PARSL_MODE": "gpu"}),
+    Case("workflow-no-account", "ran on Aurora without PARSL_ACCOUNT", "workflow.py",
+         "account=None is not valid: expected a value (aurora.multi_job requires it).",
+         ACCOUNT_FIX, env={"PARSL_SITE": "aurora", "PARSL_MODE": "multi_job"}),
+    Case("workflow-container-missing", "set PARSL_CONTAINER to a missing image", "workflow.py",
+         "container='nope.sif' is not valid: expected a path to an existing .sif image.",
+         CONTAINER_FIX, env={"PARSL_SITE": "local", "PARSL_MODE": "multi_job",
+                             "PARSL_CONTAINER": "nope.sif"}),
+    Case("workflow-container-other-parsl", "set PARSL_CONTAINER to an image holding another "
+         "Parsl", "workflow.py", f"image '{{dir}}/other.sif' holds parsl {OTHER_PARSL}",
+         OTHER_FIX, env={"PARSL_SITE": "local", "PARSL_MODE": "multi_job",
+                         "PARSL_CONTAINER": "other.sif"},
+         files={"other.sif": "@other"}, needs="apptainer"),
+    Case("workflow-nodefile-blank-line", "ran in_job with a blank line in $PBS_NODEFILE",
+         "workflow.py", "nodefile='nodes.txt' is not valid: expected one host name per line.",
+         "Fix: line 2 is '': remove blank lines and spaces", files=BLANK_LINE,
+         env={"PARSL_SITE": "local", "PARSL_MODE": "in_job", "PBS_NODEFILE": "nodes.txt"}),
+    Case("mpi-workflow-no-site", "ran the MPI workflow without PARSL_SITE", "mpi_workflow.py",
+         "site='' is not valid: expected aurora, local.", SITE_FIX),
+    Case("mpi-workflow-no-account", "ran the MPI workflow on Aurora without PARSL_ACCOUNT",
+         "mpi_workflow.py", "account=None is not valid: expected a value "
+         "(aurora.mpi_ensemble requires it).", ACCOUNT_FIX, env={"PARSL_SITE": "aurora"}),
+    Case("mpi-workflow-container-not-a-sif", "set PARSL_CONTAINER to a file that is no image",
+         "mpi_workflow.py", NOT_A_SIF, "Fix: check the path, or rebuild it",
+         env={"PARSL_SITE": "local", "PARSL_CONTAINER": "junk.sif"},
+         files={"junk.sif": "@junk"}, needs="apptainer"),
+    # ------------------------------------------------ inspecting and pulling images
+    Case("inspect-missing", "inspected an image that is not there", "parsl-aurora inspect nope.sif",
+         "nope.sif does not exist;", "build it (`nox -s image`) or pull it (`parsl-aurora pull "
+         "REGISTRY TAG --verify-key PUBLIC.pem`)",
+         needs="apptainer"),
+    Case("pull-no-apptainer", "pulled where apptainer is not on PATH",
+         "parsl-aurora pull {registry} t1 --verify-key public.pem", "apptainer is not on PATH.",
+         INSTALL_FIX, env=NO_APPTAINER),
+    Case("pull-no-key", "pulled with a key file that does not exist",
+         "parsl-aurora pull {dead} t1 --verify-key public.pem",
+         "--verify-key='public.pem' is not valid: expected an existing public PEM file.",
+         "Fix: create a pair with `openssl genrsa -out private.pem 3072 && openssl rsa -in "
+         "private.pem -pubout -out public.pem`", needs="apptainer"),
+    Case("pull-bad-tag", "pulled a tag with a space in it",
+         "parsl-aurora pull {dead} 'v1 final' --verify-key public.pem",
+         "TAG='v1 final' is not valid: expected letters, digits,",
+         "Fix: pick a tag like parsl-2025.1.13-8d5a104", files={"public.pem": "PEM\n"},
+         needs="apptainer"),
+    Case("pull-no-repository", "named a registry but no repository",
+         "parsl-aurora pull 127.0.0.1:5000 t1 --verify-key public.pem",
+         "REGISTRY='127.0.0.1:5000' is not valid: expected HOST[:PORT]/REPO.",
+         "Fix: name a repository too", files={"public.pem": "PEM\n"}, needs="apptainer"),
+    Case("pull-out-folder-missing", "pulled into a folder that does not exist",
+         "parsl-aurora pull {dead} t1 --verify-key public.pem --out images/aurora.sif",
+         "--out='{dir}/images/aurora.sif' is not valid: expected a path in an existing "
+         "directory.", "Fix: create {dir}/images first", files={"public.pem": "PEM\n"},
+         needs="apptainer"),
+    Case("pull-unreachable", "pulled from a registry that is down",
+         "parsl-aurora pull {dead} t1 --verify-key public.pem --insecure",
+         "cannot pull the published digest oras://{dead}:t1.sha256: FATAL:",
+         "Fix: check REGISTRY and TAG, that the registry is up",
+         files={"public.pem": "PEM\n"}, needs="apptainer", echo=True),
+    Case("pull-unsigned", "pulled a tag someone overwrote with an unsigned image",
+         "parsl-aurora pull {registry} unsigned --verify-key public.pem --insecure",
+         "signature check failed: oras://{registry}:unsigned: it is not signed", VERIFY_FIX,
+         files={"public.pem": "@good_pub"}, needs="registry", echo=True),
+    Case("pull-altered", "pulled a tag whose image was altered after signing",
+         "parsl-aurora pull {registry} altered --verify-key public.pem --insecure",
+         "signature check failed: oras://{registry}:altered: its signed content does not "
+         "match its signature (altered)", VERIFY_FIX,
+         files={"public.pem": "@good_pub"}, needs="registry", echo=True),
+    Case("pull-wrong-key", "pulled with a key that is not the publisher's",
+         "parsl-aurora pull {registry} good --verify-key public.pem --insecure",
+         "signature check failed: the published digest oras://{registry}:good.sha256: it is "
+         "not signed by this key",
+         VERIFY_FIX, files={"public.pem": "@stranger_pub"}, needs="registry", echo=True),
+]
+
+
+# ---------------------------------------------------------------- docs/errors.md
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def command_line(case: Case, values: dict) -> str:
+    """The case's command as a user types it (test plumbing such as PATH left out)."""
+    prog, _, args = case.cmd.format(**values).partition(" ")
+    env = " ".join(f"{k}={v}" for k, v in case.env.items() if k not in ("PATH", "PYTHONPATH"))
+    word = {"workflow.py": "python examples/workflow.py",
+            "mpi_workflow.py": "python examples/mpi_workflow.py"}.get(prog, prog)
+    return " ".join(w for w in (env, word, args) if w)
+
+
+def doc_text() -> str:
+    rows = [f"| {i} | {_cell(c.did)} | `{_cell(command_line(c, DOC_VALUES))}` | "
+            f"`{_cell(c.prog or c.cmd.split()[0])}: error: {_cell(c.expect.format(**DOC_VALUES))}` | "
+            f"{_cell(c.fix.format(**DOC_VALUES))}{' (†)' if c.broken else ''} |"
+            for i, c in enumerate(CASES, 1)]
+    broken = [f"- {c.id}: {c.broken}" for c in CASES if c.broken]
+    return "\n".join([
+        "# Errors you may see, and their fixes",
+        "",
+        "Every refusal is one line on stderr, `PROG: error: MESSAGE`, where the message names the",
+        "option or input, the bad value, what would be valid and the fix; the exit status is 2",
+        "and nothing has been submitted, started or written (but for the empty folder",
+        "`./output/running` that `examples/workflow.py` makes first). `parsl-aurora --debug` (or",
+        "`PARSL_AURORA_DEBUG=1` for a workflow script) shows the traceback instead.",
+        "`parsl-aurora pull` also prints each apptainer command it starts (`+ apptainer pull",
+        "...`) above the error line.",
+        "",
+        "`$PWD` is the folder the command ran in. This page is generated from the cases in",
+        "`tests/test_errors.py`, which runs every one: `python tests/test_errors.py --write-doc`.",
+        "",
+        "| # | What you did | Command | The message starts | The fix it names |",
+        "|---|--------------|---------|--------------------|------------------|",
+        *rows,
+        *(["", "(†) Not so yet: a known bug; its case is an expected failure until fixed.", "",
+           *broken] if broken else []),
+        "",
+    ])
+
+
+def test_doc_lists_every_case():
+    assert DOC.exists() and DOC.read_text() == doc_text(), (
+        "docs/errors.md is out of date: run `python tests/test_errors.py --write-doc`")
+
+
+def test_enough_distinct_cases():
+    assert len(CASES) >= 22 and len({c.id for c in CASES}) == len(CASES)
+    # The doc quotes each message in backticks and shows each fix as written.
+    assert not [c.id for c in CASES if "`" in c.expect or c.fix.count("`") % 2]
+
+
+# ---------------------------------------------------------------- fixtures
+def _run(*cmd, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.fixture(scope="session")
+def other_image(tmp_path_factory) -> Path:
+    """A 40 kB SIF whose labels say it holds another Parsl (scratch image: nothing inside)."""
+    d = tmp_path_factory.mktemp("other-image")
+    (d / "hello.txt").write_text("hello\n")
+    (d / "other.def").write_text(
+        f"Bootstrap: scratch\n%files\n    hello.txt /hello.txt\n%labels\n"
+        f"    org.parsl-project.parsl.version {OTHER_PARSL}\n"
+        "    org.opencontainers.image.revision 8d5a104d439cbedcee0a3bf7748812f6a2c708bb\n")
+    _run(APPTAINER, "build", "--fakeroot", "other.sif", "other.def", cwd=d)
+    return d / "other.sif"
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory, other_image, data_keys):  # noqa: F811
+    """A loopback registry with tags `good` (signed), `unsigned` and `altered` (overwritten
+    after publishing), and the publisher's and a stranger's public keys."""
+    from parsl_aurora.publish import oras_ref, publish, push_command
+
+    d = tmp_path_factory.mktemp("registry")
+    keys = {"good_pub": data_keys["good"][1], "stranger_pub": data_keys["other"][1]}
+    with serve_registry(d) as repo:
+
+        def push(image: Path, tag: str) -> None:
+            _run(*push_command(APPTAINER, str(image), oras_ref(repo, tag), insecure=True))
+
+        for tag in ("good", "unsigned", "altered"):
+            image = d / f"{tag}.sif"
+            shutil.copyfile(other_image, image)
+            publish(image, repo, data_keys["good"][0], tag=tag, insecure=True)
+        push(other_image, "unsigned")  # over the signed one; its signed digest stays
+        # One byte flipped inside the signed squashfs partition.
+        listing = _run(APPTAINER, "sif", "list", str(d / "altered.sif")).stdout
+        start = int(next(ln for ln in listing.splitlines() if "|FS" in ln)
+                    .split("|")[3].split("-")[0])
+        data = bytearray((d / "altered.sif").read_bytes())
+        data[start + 100] ^= 0xFF
+        (d / "bad.sif").write_bytes(bytes(data))
+        push(d / "bad.sif", "altered")
+        yield {"registry": repo, **keys}
+
+
+# ---------------------------------------------------------------- the cases
+def _marks(case: Case) -> list:
+    marks = []
+    if case.needs:
+        marks += [pytest.mark.apptainer,
+                  pytest.mark.skipif(APPTAINER is None, reason="apptainer is not on PATH")]
+    if case.needs == "registry":
+        marks += [pytest.mark.registry,
+                  pytest.mark.skipif(REGISTRY_BIN is None, reason="needs /usr/bin/docker-registry "
+                                     "(`apt-get install -y docker-registry`)")]
+    if case.broken:
+        marks.append(pytest.mark.xfail(strict=True, reason=case.broken))
+    return marks
+
+
+def _tree(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=_marks(c)) for c in CASES])
+def test_bad_input_is_one_line_and_submits_nothing(case, tmp_path, request):
+    from parsl_aurora import fake
+
+    here = tmp_path.resolve()
+    values = {**DOC_VALUES, "dir": str(here), "bin": str(BIN),
+              "dead": f"127.0.0.1:{_free_port()}/parsl-aurora/aurora"}
+    if case.needs == "registry":
+        values.update(request.getfixturevalue("registry"))
+    for name, text in case.files.items():
+        path = here / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if text == "@other":
+            shutil.copyfile(request.getfixturevalue("other_image"), path)
+        elif text == "@junk":
+            path.write_bytes(b"not a SIF image\n" * 256)
+        elif text.startswith("@"):
+            shutil.copyfile(request.getfixturevalue("registry")[text[1:]], path)
+        else:
+            path.write_text(text)
+    before = _tree(here)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PARSL_") and k not in ("PBS_NODEFILE", "PYTHONPATH")}
+    # The fake's qsub first on PATH, its state in this folder: a job submitted would show.
+    env.update(PATH=os.pathsep.join([str(fake.bin_dir()), str(BIN), env["PATH"]]),
+               PARSL_AURORA_FAKE_DIR=str(here / "fake-state"), PYTHONDONTWRITEBYTECODE="1")
+    env.update({k: v.format(**values) for k, v in case.env.items()})
+    prog, *args = shlex.split(case.cmd.format(**values))
+    out = subprocess.run(PROGS[prog] + args, cwd=here, env=env, capture_output=True, text=True,
+                         timeout=120, check=False)
+
+    lines = [ln for ln in out.stderr.strip().splitlines()
+             if not (case.echo and ln.startswith("+ "))]
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"{case.prog or prog}: error: {case.expect.format(**values)}"), \
+        lines[0]
+    assert case.fix.format(**values) in lines[0], lines[0]
+    # Nothing submitted, started or written: no fake job, no Parsl run folder, no file at all
+    # (workflow.py makes its ./output folder before it loads the config).
+    assert not list(here.rglob("jobs/*.json"))
+    assert {p for p in _tree(here) - before if p.split(os.sep)[0] != "output"} == set()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write-doc"]:
+        sys.exit("usage: python tests/test_errors.py --write-doc")
+    DOC.write_text(doc_text())
+    print(f"wrote {DOC.relative_to(ROOT)} ({len(CASES)} cases)")
