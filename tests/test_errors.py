@@ -133,7 +133,7 @@ CASES = [
     Case("monitoring-missing", "asked for monitoring where sqlalchemy is not installed",
          "parsl-aurora render local multi_job --set monitoring=True",
          "monitoring=True is not valid: expected Parsl's monitoring extra installed.",
-         "Fix: install parsl-aurora (it brings parsl[monitoring]) or run in the image",
+         "Fix: pip install 'parsl-aurora[monitoring]' or run in the image",
          env={"PYTHONPATH": "{dir}/block"},
          files={"block/sqlalchemy.py": "raise ImportError('No module named sqlalchemy')\n"}),
     # ------------------------------------------------ in-job node files

@@ -70,9 +70,15 @@ def project_version(pyproject_text: str) -> str:
     return tomllib.loads(pyproject_text)["project"]["version"]
 
 
+# Extras the image carries beyond the dependencies: the driver may run in it with monitoring on.
+IMAGE_EXTRAS = ("monitoring",)
+
+
 def requirements_in(pyproject_text: str) -> str:
-    """container/requirements.in: the project's own dependencies, copied from pyproject.toml."""
-    deps = tomllib.loads(pyproject_text)["project"]["dependencies"]
+    """container/requirements.in: the project's dependencies and IMAGE_EXTRAS, from pyproject."""
+    project = tomllib.loads(pyproject_text)["project"]
+    extras = project.get("optional-dependencies", {})
+    deps = [*project["dependencies"], *(d for e in IMAGE_EXTRAS for d in extras.get(e, []))]
     head = ("# Generated from pyproject.toml by `python -m parsl_aurora.image lock`; edit the\n"
             "# dependencies there. The image installs container/requirements.lock made from this.\n")
     return head + "".join(f"{d}\n" for d in deps)
