@@ -38,9 +38,26 @@ IMPORTS = {
 }
 
 
+def install_locked(python: Path) -> bool:
+    """Install the image's own package set (its lock, from the wheelhouse when there is one),
+    so a venv and the image import the same code and only where it lives differs."""
+    wheels = ROOT / ".wheelhouse"
+    src = ["--no-index", "--find-links", str(wheels)] if wheels.is_dir() else []
+    r = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps",
+                        "--require-hashes", *src, "-r",
+                        str(ROOT / "container" / "requirements.lock")], check=False)
+    return r.returncode == 0
+
+
 def _venv_python() -> str:
-    """The interpreter of the venv this runs in (same Parsl as the image)."""
-    return sys.executable
+    """A venv of this interpreter holding the image's packages (made once)."""
+    py = LOCKED_VENV / "bin" / "python"
+    if not py.exists():
+        subprocess.run([base_python(), "-m", "venv", str(LOCKED_VENV)], check=True)
+        if not install_locked(py):
+            shutil.rmtree(LOCKED_VENV)
+            raise SystemExit("cannot install container/requirements.lock into a venv")
+    return str(py)
 
 
 def base_python() -> str:
@@ -57,6 +74,7 @@ def _wall(cmd: list[str]) -> float:
 # that differs from the image only by the container.
 HOST_DEBIAN_PYTHON = Path("/usr/bin/python3.11")
 DEBIAN_VENV = Path("/tmp/parsl-aurora-bench-debvenv")
+LOCKED_VENV = Path("/tmp/parsl-aurora-bench-venv")
 
 
 def debian_venv() -> Path | None:
@@ -65,14 +83,8 @@ def debian_venv() -> Path | None:
         return None
     py = DEBIAN_VENV / "bin" / "python"
     if not py.exists():
-        import parsl
-
         subprocess.run([str(HOST_DEBIAN_PYTHON), "-m", "venv", str(DEBIAN_VENV)], check=True)
-        wheels = ROOT / ".wheelhouse"
-        src = ["--no-index", "--find-links", str(wheels)] if wheels.is_dir() else []
-        pin = f"parsl=={parsl.__version__.replace('.0', '.')}"
-        r = subprocess.run([str(py), "-m", "pip", "install", "-q", *src, pin], check=False)
-        if r.returncode:
+        if not install_locked(py):
             return None
     return py
 
@@ -144,18 +156,13 @@ def strace_count(cmd: list[str], folder: Path = SHARED) -> tuple[int, dict[str, 
 
 
 def prepare_shared(shared: Path = SHARED, sif: Path = SIF) -> tuple[Path, Path]:
-    """A venv with parsl==the pinned version, and a copy of the SIF, under shared."""
-    import parsl
-
+    """A venv with the image's packages, and a copy of the SIF, under shared."""
     venv = shared / "venv"
     shared.mkdir(parents=True, exist_ok=True)
     if not (venv / "bin" / "python").exists():
         subprocess.run([base_python(), "-m", "venv", str(venv)], check=True)
-        pin = f"parsl=={parsl.__version__.replace('.0', '.')}"
-        wheels = ROOT / ".wheelhouse"
-        src = ["--no-index", "--find-links", str(wheels)] if wheels.is_dir() else []
-        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *src, pin],
-                       check=True)
+        if not install_locked(venv / "bin" / "python"):
+            raise SystemExit("cannot install container/requirements.lock into a venv")
     shared_sif = shared / "aurora.sif"
     if not shared_sif.exists() or shared_sif.stat().st_mtime < sif.stat().st_mtime:
         shutil.copy2(sif, shared_sif)

@@ -239,7 +239,8 @@ def render(r: dict, old_doc: str, mach: str) -> str:
         out += ["## Container overhead", "",
                 ("`python benchmarks/container.py`: wall time of each command, the cases "
                 "interleaved run by run, median of "
-                f"{len(c['venv'])}. Baseline: the same Parsl from a venv (`{sys.executable}`)."),
+                f"{len(c['venv'])}. Baseline: the image's own packages (its lock, from the "
+                f"wheelhouse) in a venv of this host's Python (`{container.LOCKED_VENV}`)."),
                 "", "| command | median (s) | runs (s) | ratio to venv `import parsl` |",
                 "| --- | ---: | --- | ---: |"]
         for k, ts in c.items():
@@ -249,7 +250,8 @@ def render(r: dict, old_doc: str, mach: str) -> str:
         out += ["## Shared-file-system pressure", "",
                 ("File-system syscalls (`strace -f -e trace=%file,getdents64`) whose path lies "
                 "under `/tmp/shared`, a pretend shared folder holding (a) a venv with "
-                "parsl==2025.1.13 (`python -m venv`, wheels from `.wheelhouse`) and (b) a copy "
+                "the image's packages (`python -m venv`, `container/requirements.lock` from "
+                "`.wheelhouse`) and (b) a copy "
                 "of `aurora.sif`, run as `apptainer exec /tmp/shared/aurora.sif python -c ...`. "
                 "The venv's interpreter is a symlink to the base Python and the stdlib lives "
                 "outside `/tmp/shared`, so only the venv's own files count."), "",

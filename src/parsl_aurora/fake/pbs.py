@@ -235,15 +235,34 @@ def qsub(args: list[str]) -> str:
         "env": job_env(opts, dict(os.environ), python),
     }
     save(d, job)
-    # posix_spawn rather than subprocess: qsub's latency is mostly Python start-up and imports.
-    null = os.open(os.devnull, os.O_RDWR)
-    os.posix_spawn(python, [python, "-m", "parsl_aurora.fake.pbs", "_supervise", job_id],
-                   {**os.environ, "PARSL_AURORA_FAKE_DIR": str(d)}, setsid=True,
-                   file_actions=[(os.POSIX_SPAWN_DUP2, null, fd) for fd in (0, 1, 2)])
+    _detach(lambda: supervise(job_id), {"PARSL_AURORA_FAKE_DIR": str(d)})
     return job_id
 
 
 # ---------------------------------------------------------------- the per-job supervisor
+def _detach(run, env: dict[str, str]) -> None:
+    """Run `run()` in a daemon: forked twice, in a new session, with no terminal or pipes.
+
+    Forked rather than started afresh: a new interpreter importing this module is most of a
+    job's start-up latency, and qsub is already loaded. The caller (Parsl's shell) waits for
+    qsub's output to close, so the daemon keeps none of qsub's descriptors.
+    """
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)
+        return
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.environ.update(env)
+        run()
+    finally:
+        os._exit(0)
+
 
 
 def _become_subreaper() -> None:
@@ -527,9 +546,6 @@ def main(argv: list[str] | None = None) -> int:
             err, code = qdel(args)
             sys.stderr.write(err)
             return code
-        if command == "_supervise":
-            supervise(args[0])
-            return 0
     except PBSError as e:
         print(e, file=sys.stderr)
         return e.code
