@@ -302,26 +302,23 @@ The target (1.1) is missed for a fresh `apptainer exec` of the image, and met wh
 in a container that is already up. Where the image's extra time goes, from the rows above:
 
 - Apptainer's own start-up (starter, namespaces, loop device, squashfs and overlay mounts):
-  `image: python -c pass` minus `venv: python -c pass`, about 0.12 s. It is paid once per
+  `image: python -c pass` minus `venv: python -c pass`, about 0.17 s. It is paid once per
   container, not per import or per task.
-- Checked-hash pycs: the image is built with `SOURCE_DATE_EPOCH` (for reproducible pycs), so
-  the pycs in the image (pip's and Debian's stdlib alike) are checked-hash ones, and every
-  import also reads and hashes its `.py` source.
-  `--check-hash-based-pycs never` saved 0.05 to 0.12 s per `import parsl` in our sessions.
+- Not the pycs any more: the image's pycs are compiled with `--invalidation-mode
+  unchecked-hash` (reproducible, and no import reads or hashes its `.py`), so the diagnostic
+  row `--check-hash-based-pycs never` equals the image row. With checked-hash pycs (before)
+  the image took 1.35 s against 1.10 s now.
 - Cold squashfs: each `apptainer exec` mounts the SIF afresh, and the kernel's cache of
   decompressed squashfs pages belongs to the mount, so every module is read and decompressed
   again (the SIF's own blocks stay in the host's page cache). In a running instance (same
-  mount, warm) the same import takes about the venv's time, and the checked-hash cost
-  disappears into the noise. This is the largest part. The interpreter is not the cause: a venv of the
-  host's Debian Python 3.11.2, the image's interpreter, is as fast as the baseline or faster.
+  mount, warm) the same import takes about the venv's time. This is the largest part. The
+  interpreter is not the cause: a venv of the host's Debian Python 3.11.2, the image's
+  interpreter, is as fast as the baseline or faster.
 
 What closes it: run many processes per container, which is how the modes use the image (the
 workflow runs inside one `apptainer exec`, and each node's worker pool starts its workers inside
 its own one), so the cost is about 0.5 s per node and block, not per task; for repeated short
-commands use `apptainer instance start` and `apptainer exec instance://NAME`. In the image
-definition (not changed here), compiling the pycs with `python -m compileall
---invalidation-mode unchecked-hash` keeps them reproducible and drops the source reads, which is
-safe because the image is read-only.
+commands use `apptainer instance start` and `apptainer exec instance://NAME`.
 """
 SYSCALL_NOTES = """
 The image's calls are all Apptainer's (the starter and the runtime, two processes) looking at
