@@ -38,26 +38,34 @@ IMPORTS = {
 }
 
 
-def install_locked(python: Path) -> bool:
-    """Install the image's own package set (its lock, from the wheelhouse when there is one),
-    so a venv and the image import the same code and only where it lives differs."""
+def locked_venv(folder: Path, base: str) -> Path | None:
+    """A venv of `base` holding the image's own package set (its lock, from the wheelhouse
+    when there is one), so it and the image import the same code and only where it lives
+    differs; made once. None if the lock cannot be installed."""
+    py = folder / "bin" / "python"
+    if py.exists():
+        return py
+    subprocess.run([base, "-m", "venv", str(folder)], check=True)
     wheels = ROOT / ".wheelhouse"
     src = ["--no-index", "--find-links", str(wheels)] if wheels.is_dir() else []
-    r = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps",
-                        "--require-hashes", *src, "-r",
-                        str(ROOT / "container" / "requirements.lock")], check=False)
-    return r.returncode == 0
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--require-hashes",
+                        *src, "-r", str(ROOT / "container" / "requirements.lock")], check=False)
+    if r.returncode:
+        shutil.rmtree(folder)
+        return None
+    return py
+
+
+def _locked(folder: Path) -> Path:
+    py = locked_venv(folder, base_python())
+    if py is None:
+        raise SystemExit("cannot install container/requirements.lock into a venv")
+    return py
 
 
 def _venv_python() -> str:
-    """A venv of this interpreter holding the image's packages (made once)."""
-    py = LOCKED_VENV / "bin" / "python"
-    if not py.exists():
-        subprocess.run([base_python(), "-m", "venv", str(LOCKED_VENV)], check=True)
-        if not install_locked(py):
-            shutil.rmtree(LOCKED_VENV)
-            raise SystemExit("cannot install container/requirements.lock into a venv")
-    return str(py)
+    """A venv of this interpreter holding the image's packages."""
+    return str(_locked(LOCKED_VENV))
 
 
 def base_python() -> str:
@@ -81,12 +89,7 @@ def debian_venv() -> Path | None:
     """A venv of the host's Debian Python with the same Parsl, or None without one."""
     if not HOST_DEBIAN_PYTHON.exists():
         return None
-    py = DEBIAN_VENV / "bin" / "python"
-    if not py.exists():
-        subprocess.run([str(HOST_DEBIAN_PYTHON), "-m", "venv", str(DEBIAN_VENV)], check=True)
-        if not install_locked(py):
-            return None
-    return py
+    return locked_venv(DEBIAN_VENV, str(HOST_DEBIAN_PYTHON))
 
 
 def overhead(runs: int = 10, sif: Path = SIF) -> dict[str, list[float]]:
@@ -159,10 +162,7 @@ def prepare_shared(shared: Path = SHARED, sif: Path = SIF) -> tuple[Path, Path]:
     """A venv with the image's packages, and a copy of the SIF, under shared."""
     venv = shared / "venv"
     shared.mkdir(parents=True, exist_ok=True)
-    if not (venv / "bin" / "python").exists():
-        subprocess.run([base_python(), "-m", "venv", str(venv)], check=True)
-        if not install_locked(venv / "bin" / "python"):
-            raise SystemExit("cannot install container/requirements.lock into a venv")
+    _locked(venv)
     shared_sif = shared / "aurora.sif"
     if not shared_sif.exists() or shared_sif.stat().st_mtime < sif.stat().st_mtime:
         shutil.copy2(sif, shared_sif)

@@ -50,7 +50,6 @@ class Case:
     # `pull` echoes each apptainer command it starts ("+ apptainer pull ..."): progress, kept
     # apart from the one error line.
     echo: bool = False
-    broken: str = ""  # a known bug: the case is an xfail(strict) until it is fixed
     prog: str = ""  # who speaks, when not the command's first word (argparse: "parsl-aurora render")
 
 
@@ -263,9 +262,8 @@ def command_line(case: Case, values: dict) -> str:
 def doc_text() -> str:
     rows = [f"| {i} | {_cell(c.did)} | `{_cell(command_line(c, DOC_VALUES))}` | "
             f"`{_cell(c.prog or c.cmd.split()[0])}: error: {_cell(c.expect.format(**DOC_VALUES))}` | "
-            f"{_cell(c.fix.format(**DOC_VALUES))}{' (†)' if c.broken else ''} |"
+            f"{_cell(c.fix.format(**DOC_VALUES))} |"
             for i, c in enumerate(CASES, 1)]
-    broken = [f"- {c.id}: {c.broken}" for c in CASES if c.broken]
     return "\n".join([
         "# Errors you may see, and their fixes",
         "",
@@ -283,8 +281,6 @@ def doc_text() -> str:
         "| # | What you did | Command | The message starts | The fix it names |",
         "|---|--------------|---------|--------------------|------------------|",
         *rows,
-        *(["", "(†) Not so yet: a known bug; its case is an expected failure until fixed.", "",
-           *broken] if broken else []),
         "",
     ])
 
@@ -352,13 +348,12 @@ def _marks(case: Case) -> list:
     marks = []
     if case.needs:
         marks += [pytest.mark.apptainer,
-                  pytest.mark.skipif(APPTAINER is None, reason="apptainer is not on PATH")]
+                  pytest.mark.skipif(APPTAINER is None, reason="apptainer is not on PATH "
+                                     "(install: bash .ci/install-apptainer)")]
     if case.needs == "registry":
         marks += [pytest.mark.registry,
                   pytest.mark.skipif(REGISTRY_BIN is None, reason="needs /usr/bin/docker-registry "
                                      "(`apt-get install -y docker-registry`)")]
-    if case.broken:
-        marks.append(pytest.mark.xfail(strict=True, reason=case.broken))
     return marks
 
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, no_leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -17,29 +17,6 @@ def run_example(script: str, site: str, mode: str, cwd: Path, **env) -> subproce
     full = {**os.environ, "PARSL_SITE": site, "PARSL_MODE": mode, **env}
     return subprocess.run([sys.executable, str(ROOT / "examples" / script)], cwd=cwd, env=full,
                           capture_output=True, text=True, timeout=600, check=False)
-
-
-def leftovers(folder: Path) -> list[str]:
-    """Processes still running whose command line or working folder is inside `folder`."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-        except OSError:
-            continue
-        if int(pid) != os.getpid() and (str(folder) in cmd or cwd.startswith(str(folder))):
-            found.append(f"{pid}: {cmd[:120]}")
-    return found
-
-
-def no_leftovers(folder: Path) -> list[str]:
-    # Parsl's shutdown cancels blocks asynchronously; give the kills a moment to land.
-    for _ in range(50):
-        if not (left := leftovers(folder)):
-            return []
-        time.sleep(0.2)
-    return left
 
 
 def tiles_in(stdout: str) -> int:

@@ -16,27 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, needs_apptainer
 
 from parsl_aurora import image as img
 from parsl_aurora.errors import ImageError
 from parsl_aurora.image import parsl_pin
 
-ROOT = Path(__file__).resolve().parent.parent
-IMAGE = ROOT / "aurora.sif"
 PARSL = parsl_pin((ROOT / "pyproject.toml").read_text())
-
-_NEEDS_APPTAINER = (
-    pytest.mark.apptainer,
-    pytest.mark.skipif(shutil.which("apptainer") is None,
-                       reason="apptainer is not on PATH (install: bash .ci/install-apptainer)"),
-)
-
-
-def needs_apptainer(test):
-    for mark in _NEEDS_APPTAINER:
-        test = mark(test)
-    return test
-
 
 # ---------------------------------------------------------------- pure: no apptainer needed
 PYPROJECT = """
@@ -136,15 +122,6 @@ def run(*cmd: str, user: str | None = None, **kw) -> subprocess.CompletedProcess
     if user:
         cmd = ("runuser", "-u", user, "--", *cmd)
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, **kw)
-
-
-@pytest.fixture(scope="session")
-def built_image() -> Path:
-    """aurora.sif at the repository root, built by the same command users run, or reused."""
-    out = run(sys.executable, "-m", "parsl_aurora.image", "build", cwd=ROOT)
-    assert out.returncode == 0, f"image build failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    assert IMAGE.exists()
-    return IMAGE
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from test_fake_cluster_e2e import leftovers, no_leftovers
+from conftest import ROOT, leftovers, no_leftovers
 
 pytestmark = pytest.mark.slow
 

@@ -26,8 +26,7 @@ import psutil
 import pytest
 import zmq
 import zmq.auth
-from conftest import ROOT
-from test_fake_cluster_e2e import no_leftovers
+from conftest import ROOT, needs_apptainer, no_leftovers
 from test_publish import (  # noqa: F401  (fixtures, asked for by name below)
     data_image,
     data_keys,
@@ -43,7 +42,6 @@ from parsl_aurora.publish import publish, pull
 from site_configs import local
 
 APPTAINER = shutil.which("apptainer")
-IMAGE = ROOT / "aurora.sif"
 HB_PERIOD, HB_THRESHOLD = local.site(local.fake_node()).heartbeat
 # Generous bounds for things that must happen (a pool starting, a task finishing): the tests
 # wait for the event, never assert how fast it came.
@@ -289,10 +287,9 @@ def test_install_image_sets_owner_only_write(tmp_path):
     assert _mode(dest) == img.IMAGE_MODE == 0o755
 
 
-def test_built_image_is_not_group_or_world_writable():
-    if not IMAGE.exists():
-        pytest.skip(f"{IMAGE} is not built (`make image`)")
-    assert _mode(IMAGE) & 0o022 == 0, oct(_mode(IMAGE))
+@needs_apptainer
+def test_built_image_is_not_group_or_world_writable(built_image):
+    assert _mode(built_image) & 0o022 == 0, oct(_mode(built_image))
 
 
 @pytest.mark.registry
@@ -392,18 +389,16 @@ def _sif_object(sif: Path, kind: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def image_tree(tmp_path_factory) -> Path:
-    """The built image's root file system, unpacked (read-only copy of nothing on the host)."""
-    if not APPTAINER:
-        pytest.skip("apptainer is not on PATH (install: bash .ci/install-apptainer)")
-    if not shutil.which("unsquashfs"):
-        pytest.skip("unsquashfs is not on PATH (apt-get install squashfs-tools)")
-    if not IMAGE.exists():
-        pytest.skip(f"{IMAGE} is not built (`make image`)")
+def image_tree(tmp_path_factory, built_image) -> Path:
+    """The built image's root file system, unpacked (read-only copy of nothing on the host).
+
+    unsquashfs comes with squashfs-tools, which apptainer needs to build images at all.
+    """
     work = tmp_path_factory.mktemp("image-fs")
     squashfs = work / "fs.squashfs"
     with open(squashfs, "wb") as out:
-        subprocess.run([APPTAINER, "sif", "dump", _sif_object(IMAGE, "FS"), str(IMAGE)],
+        subprocess.run([APPTAINER, "sif", "dump", _sif_object(built_image, "FS"),
+                        str(built_image)],
                        stdout=out, check=True)
     subprocess.run(["unsquashfs", "-no-xattrs", "-q", "-d", str(work / "root"), str(squashfs)],
                    check=True, capture_output=True)
@@ -411,7 +406,7 @@ def image_tree(tmp_path_factory) -> Path:
     return work / "root"
 
 
-@pytest.mark.apptainer
+@needs_apptainer
 def test_image_file_system_holds_no_private_key(image_tree):
     assert (image_tree / "opt" / "aurora-env" / "bin" / "python").exists()  # really unpacked
     hits = scan_tree(image_tree)
@@ -422,15 +417,15 @@ def test_image_file_system_holds_no_private_key(image_tree):
     assert not stale, f"allowed but no longer present (drop from ALLOWED): {stale}"
 
 
-@pytest.mark.apptainer
-def test_image_metadata_holds_no_credentials(image_tree):
+@needs_apptainer
+def test_image_metadata_holds_no_credentials(image_tree, built_image):
     """The def file (build arguments filled in), labels and environment, inside and beside
     the file system: no keys, no user:password@ in a mirror or proxy URL."""
     texts = {str(p.relative_to(image_tree)): p.read_bytes()
              for p in (image_tree / ".singularity.d").rglob("*") if p.is_file()}
     for kind in ("Def.FILE", "JSON.Generic"):
-        texts[kind] = subprocess.run([APPTAINER, "sif", "dump", _sif_object(IMAGE, kind),
-                                      str(IMAGE)], check=True, capture_output=True).stdout
+        texts[kind] = subprocess.run([APPTAINER, "sif", "dump", _sif_object(built_image, kind),
+                                      str(built_image)], check=True, capture_output=True).stdout
     assert b"Bootstrap:" in texts["Def.FILE"]
     for name, data in texts.items():
         assert secrets_in(data, name) == [], name
@@ -471,12 +466,11 @@ def test_project_sources_hold_no_key_files():
     assert {p: w for p, w in hits.items() if w} == {}
 
 
-def test_wheelhouse_holds_only_wheels_without_keys():
+@needs_apptainer
+def test_wheelhouse_holds_only_wheels_without_keys(built_image):
     """What %files copied into the last build: locked wheels, the lock, the project's wheel;
     no member of any wheel is a key."""
     wheelhouse = ROOT / img.WHEELHOUSE
-    if not wheelhouse.is_dir():
-        pytest.skip(f"no {wheelhouse} (made by `make image`)")
     entries = sorted(p.name for p in wheelhouse.iterdir())
     assert [e for e in entries if not e.endswith(".whl") and e != "requirements.lock"] == []
     assert any(e.startswith("parsl_aurora-") for e in entries)

@@ -99,10 +99,14 @@ def drain_period(walltime: str, drain_margin: str | None) -> int | None:
     return total - margin
 
 
-def _positive(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(name, value, "an integer >= 1", f"pass {name}=1 or more")
+def _at_least(name: str, value: object, low: int = 1, fix: str = "") -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(name, value, f"an integer >= {low}", fix or f"pass {name}={low} or more")
     return value
+
+
+def _retries(value: object) -> int:
+    return _at_least("retries", value, 0, "pass retries=1 (each task runs at most twice)")
 
 
 def check_account(account: object) -> str:
@@ -220,15 +224,8 @@ def _config(executor, *, retries: int, run_dir: str, resume: bool, monitoring: b
             hub_address="127.0.0.1",
             logging_endpoint=f"sqlite:///{Path(run_dir).resolve() / 'monitoring.db'}",
             resource_monitoring_interval=10)
-    return Config(executors=[executor], retries=_retries(retries), run_dir=run_dir,
+    return Config(executors=[executor], retries=retries, run_dir=run_dir,
                   strategy_period=STRATEGY_PERIOD, **extra)
-
-
-def _retries(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError("retries", value, "an integer >= 0",
-                          "pass retries=1 (each task runs at most twice)")
-    return value
 
 
 def _htex_tiles(site: Site, node: Node, provider, label: str, launch_cmd: str | None,
@@ -265,8 +262,8 @@ def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
     """Many PBS jobs, one worker pool per node, one worker per GPU tile."""
     check_account(account)
     drain = drain_period(walltime, drain_margin)
-    _positive("nodes_per_job", nodes_per_job)
-    _positive("max_jobs", max_jobs)
+    _at_least("nodes_per_job", nodes_per_job)
+    _at_least("max_jobs", max_jobs)
     _retries(retries)
     check_queue(site, queue, nodes_per_job, walltime)
     # Parsl is imported once the cheap checks pass: a refused request answers at once.
@@ -308,9 +305,9 @@ def mpi_ensemble(site: Site, node: Node, *, account: str, nodes_per_task: int = 
     """Ensembles of multi-node MPI tasks: each worker owns a slot of nodes_per_task nodes."""
     check_account(account)
     drain = drain_period(walltime, drain_margin)
-    _positive("nodes_per_task", nodes_per_task)
-    _positive("nodes_per_job", nodes_per_job)
-    _positive("max_jobs", max_jobs)
+    _at_least("nodes_per_task", nodes_per_task)
+    _at_least("nodes_per_job", nodes_per_job)
+    _at_least("max_jobs", max_jobs)
     if nodes_per_task < 2:
         raise ConfigError("nodes_per_task", nodes_per_task, "2 or more",
                           "MPIExecutor is for multi-node tasks; run single-node work with "

@@ -262,20 +262,17 @@ def publish(image: Path, registry: str, key: Path, *, tag: str | None = None,
     with tempfile.TemporaryDirectory(prefix=".publish-", dir=image.parent) as tmp:
         # The copy lives in this private (0700) folder until it is renamed: under a loose umask
         # nobody else can open it and change what gets signed.
-        signing = Path(tmp) / "signing.sif"
-        try:
-            shutil.copyfile(image, signing)
-            # apptainer verify needs every signature to check out, so an old signature (maybe
-            # another key's) next to ours would fail every pull: drop it, then sign afresh.
-            listing = _run(sif_list_command(exe, str(signing)), what="sif list", quiet=True)
-            for obj in reversed(signature_ids(listing)):
-                _run(sif_del_command(exe, str(signing), obj), what="cannot drop old signature")
-            _run(sign_command(exe, str(key), str(signing)), what=f"cannot sign {image}")
-            # The owner's mode, but never world-writable (a loose umask or an old chmod).
-            os.chmod(signing, stat.S_IMODE(image.stat().st_mode) & ~0o002)
-            signing.replace(image)
-        finally:
-            signing.unlink(missing_ok=True)
+        signing = Path(tmp) / "signing.sif"  # removed with the folder if anything fails
+        shutil.copyfile(image, signing)
+        # apptainer verify needs every signature to check out, so an old signature (maybe
+        # another key's) next to ours would fail every pull: drop it, then sign afresh.
+        listing = _run(sif_list_command(exe, str(signing)), what="sif list", quiet=True)
+        for obj in reversed(signature_ids(listing)):
+            _run(sif_del_command(exe, str(signing), obj), what="cannot drop old signature")
+        _run(sign_command(exe, str(key), str(signing)), what=f"cannot sign {image}")
+        # The owner's mode, but never world-writable (a loose umask or an old chmod).
+        os.chmod(signing, stat.S_IMODE(image.stat().st_mode) & ~0o002)
+        signing.replace(image)
         sha = sha256_file(image)
         data = Path(tmp) / "sha256"
         data.write_text(digest_text(sha, tag))

@@ -240,6 +240,8 @@ def qsub(args: list[str]) -> str:
 
 
 # ---------------------------------------------------------------- the per-job supervisor
+
+
 def _detach(run, env: dict[str, str]) -> None:
     """Run `run()` in a daemon: forked twice, in a new session, with no terminal or pipes.
 
@@ -262,7 +264,6 @@ def _detach(run, env: dict[str, str]) -> None:
         run()
     finally:
         os._exit(0)
-
 
 
 def _become_subreaper() -> None:
