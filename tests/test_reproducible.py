@@ -2,7 +2,7 @@
 
 import os
 
-from test_image import built_image, needs_apptainer  # noqa: F401  (fixture)
+from conftest import needs_apptainer
 
 from parsl_aurora import reproducible as r
 
@@ -45,7 +45,7 @@ def test_compare_reports_each_level():
 
 
 @needs_apptainer
-def test_two_builds_of_one_tree_match_in_packages_and_files(built_image, tmp_path):  # noqa: F811
+def test_two_builds_of_one_tree_match_in_packages_and_files(built_image, tmp_path):
     """A second clean build equals the session's image at levels (a) and (b) (see README)."""
     from pathlib import Path
 
