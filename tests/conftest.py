@@ -45,18 +45,120 @@ def no_leftovers(folder: Path) -> list[str]:
     return left
 
 
-# ---------------------------------------------------------------- the real image
-_NEEDS_APPTAINER = (
-    pytest.mark.apptainer,
-    pytest.mark.skipif(shutil.which("apptainer") is None,
-                       reason="apptainer is not on PATH (install: bash .ci/install-apptainer)"),
-)
+# ---------------------------------------------------------------- components some tests need
+# `@pytest.mark.needs("apptainer", "fuse")`: the test runs where every named component works.
+# On a newcomer's machine a missing one skips the test and `make test` ends with one line per
+# component saying how to get it; in CI (CI=true) it is a failure, and so is any other skip.
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PBS_USER = os.environ.get("PARSL_AURORA_PBS_USER", "pbsuser")
+PBS_BIN = Path(os.environ.get("PARSL_AURORA_PBS_PREFIX", "/opt/pbs")) / "bin"
 
 
-def needs_apptainer(test):
-    for mark in _NEEDS_APPTAINER:
-        test = mark(test)
-    return test
+def _ok(*cmd: str) -> bool:
+    try:
+        return subprocess.run(list(cmd), capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _as_nobody(script: str) -> bool:
+    """Run `script` as nobody when root can switch users (CI), else as the current user."""
+    if os.geteuid() == 0:
+        return _ok("runuser", "-u", "nobody", "--", "/bin/sh", "-c", script)
+    return _ok("/bin/sh", "-c", script)
+
+
+def _apptainer() -> str | None:
+    if shutil.which("apptainer") and _ok("apptainer", "version"):
+        return None
+    return "apptainer is not installed: run `sudo bash .ci/install-apptainer` (Debian 12)"
+
+
+def _fuse() -> str | None:
+    # What an unprivileged `apptainer exec` of a SIF needs: squashfuse opens /dev/fuse
+    # read-write inside a user namespace. Checked as nobody, not with root's os.access.
+    if _as_nobody("exec 3<>/dev/fuse && unshare --user true"):
+        return None
+    return ("an unprivileged user cannot mount images (needs /dev/fuse read-write for all and "
+            "user namespaces): `sudo chmod 666 /dev/fuse`")
+
+
+def _registry() -> str | None:
+    if shutil.which("docker-registry") or Path("/usr/bin/docker-registry").exists():
+        return None
+    return "no OCI registry to push to: `sudo apt-get install docker-registry`"
+
+
+def _mpi() -> str | None:
+    from parsl_aurora import fake
+
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return "mpi4py is missing: `pip install 'parsl-aurora[fake]'`"
+    if fake.hydra():
+        return None
+    return "MPICH's mpiexec.hydra is missing: `pip install 'parsl-aurora[fake]'`"
+
+
+def _pbs() -> str | None:
+    how = ("`sudo bash ../shared/tools/install-openpbs.sh "
+           "../shared/vendor/openpbs-*.tar.gz` (a real OpenPBS server for the real-PBS tests)")
+    if not (PBS_BIN / "qstat").exists():
+        return f"no real PBS server here: {how}"
+    if os.geteuid() != 0:
+        return f"the real-PBS tests switch to the test user {PBS_USER}: run them as root"
+    if not _ok("id", PBS_USER):
+        return f"the test user {PBS_USER} is missing: {how}"
+    if not _ok(str(PBS_BIN / "qstat"), "-B"):
+        return f"the PBS server is not answering: `sudo bash ../shared/tools/install-openpbs.sh start`"
+    return None
+
+
+COMPONENTS = {"apptainer": _apptainer, "fuse": _fuse, "registry": _registry, "mpi": _mpi,
+              "pbs": _pbs}
+_missing: dict[str, str | None] = {}
+
+
+def missing(component: str) -> str | None:
+    """Why `component` cannot be used here (how to get it), or None when it works."""
+    if component not in _missing:
+        _missing[component] = COMPONENTS[component]()
+    return _missing[component]
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", f"needs(*components): runs only where each works ({', '.join(COMPONENTS)})")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs"):
+        for component in mark.args:
+            why = missing(component)
+            if why:
+                if CI:
+                    pytest.fail(f"CI=true requires {component}: {why}", pytrace=False)
+                pytest.skip(f"needs {component}: {why}")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for component, why in _missing.items():
+        if why:
+            terminalreporter.write_line(f"not run: tests that need {component}. {why}")
+    skipped = terminalreporter.stats.get("skipped", [])
+    if CI and skipped:
+        terminalreporter.write_line(f"CI=true: {len(skipped)} skipped tests count as failures",
+                                    red=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if CI and reporter is not None and reporter.stats.get("skipped") and exitstatus == 0:
+        session.exitstatus = 1
+
+
+needs_apptainer = pytest.mark.needs("apptainer")
 
 
 @pytest.fixture(scope="session")

@@ -345,16 +345,9 @@ def registry(tmp_path_factory, other_image, data_keys):  # noqa: F811
 
 # ---------------------------------------------------------------- the cases
 def _marks(case: Case) -> list:
-    marks = []
-    if case.needs:
-        marks += [pytest.mark.apptainer,
-                  pytest.mark.skipif(APPTAINER is None, reason="apptainer is not on PATH "
-                                     "(install: bash .ci/install-apptainer)")]
-    if case.needs == "registry":
-        marks += [pytest.mark.registry,
-                  pytest.mark.skipif(REGISTRY_BIN is None, reason="needs /usr/bin/docker-registry "
-                                     "(`apt-get install -y docker-registry`)")]
-    return marks
+    if not case.needs:
+        return []
+    return [pytest.mark.needs("apptainer", *(["registry"] if case.needs == "registry" else []))]
 
 
 def _tree(folder: Path) -> set[str]:

@@ -200,10 +200,8 @@ def test_second_build_reuses_the_image(built_image):
     assert built_image.stat().st_mtime_ns == before
 
 
-@needs_apptainer
+@pytest.mark.needs("apptainer", "fuse")
 def test_unprivileged_user_runs_the_image(image_for_nobody):
-    if not Path("/dev/fuse").exists() or not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        pytest.skip("/dev/fuse missing or not writable (CI: chmod 666 /dev/fuse)")
     if os.geteuid() != 0:
         user = None  # already unprivileged
     else:
@@ -275,10 +273,8 @@ def test_mpi_example_runs_in_the_image(stage):
         assert len({x.split()[0] for x in lines}) == 2  # host=... : two fake nodes
 
 
-@needs_apptainer
+@pytest.mark.needs("apptainer", "fuse")
 def test_workflow_in_the_image_as_an_unprivileged_user(stage):
-    if os.geteuid() == 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        pytest.skip("/dev/fuse missing (CI: chmod 666 /dev/fuse)")
     out, run_dir = in_image(stage, "workflow.py", "multi_job",
                             user="nobody" if os.geteuid() == 0 else None)
     assert out.returncode == 0, out.stderr[-3000:]

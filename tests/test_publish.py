@@ -152,10 +152,7 @@ def test_provenance_golden():
 
 
 # ---------------------------------------------------------------- real registry on loopback
-needs_tools = pytest.mark.skipif(
-    not (REGISTRY_BIN and APPTAINER),
-    reason="needs /usr/bin/docker-registry (`apt-get install -y docker-registry`) and apptainer")
-needs_apptainer = pytest.mark.skipif(not APPTAINER, reason="needs apptainer on PATH")
+needs_tools = pytest.mark.needs("apptainer", "registry")
 
 
 def _free_port() -> int:
@@ -246,7 +243,6 @@ def _republish_altered(image: Path, registry: str, tag: str, offset_of) -> None:
                    check=True, capture_output=True)
 
 
-@pytest.mark.registry
 @needs_tools
 def test_round_trip_digests_equal(factory_registry, data_keys, data_image, tmp_path):
     priv, pub = data_keys["good"]
@@ -265,7 +261,6 @@ def test_round_trip_digests_equal(factory_registry, data_keys, data_image, tmp_p
                      "--out", str(out), "--insecure"]) == 0
 
 
-@pytest.mark.registry
 @needs_tools
 @pytest.mark.parametrize("where,check", [
     # Inside the squashfs partition (signed content): the signature check catches it.
@@ -298,7 +293,6 @@ def test_flipped_byte_is_refused_and_nothing_left(factory_registry, data_keys, d
     assert err.startswith(f"parsl-aurora: error: {check} check failed")
 
 
-@pytest.mark.registry
 @needs_tools
 def test_digest_copied_to_another_tag_is_refused(factory_registry, data_keys, data_image,
                                                  tmp_path):
@@ -315,7 +309,6 @@ def test_digest_copied_to_another_tag_is_refused(factory_registry, data_keys, da
     assert not (tmp_path / "new.sif").exists()
 
 
-@pytest.mark.registry
 @needs_tools
 def test_wrong_key_is_refused(factory_registry, data_keys, data_image, tmp_path):
     publish(data_image, factory_registry, data_keys["good"][0], tag="t1", insecure=True)
@@ -326,7 +319,6 @@ def test_wrong_key_is_refused(factory_registry, data_keys, data_image, tmp_path)
     assert _leftovers(tmp_path) == []
 
 
-@pytest.mark.registry
 @needs_tools
 def test_unsigned_image_is_refused(factory_registry, data_keys, data_tiny_sif, data_image,
                                    tmp_path):
@@ -343,7 +335,6 @@ def test_unsigned_image_is_refused(factory_registry, data_keys, data_tiny_sif, d
     assert _leftovers(tmp_path) == []
 
 
-@pytest.mark.registry
 @needs_tools
 def test_unreachable_registry_is_clear_and_keeps_local_image(data_keys, data_image, tmp_path,
                                                              capsys):
@@ -362,7 +353,6 @@ def test_unreachable_registry_is_clear_and_keeps_local_image(data_keys, data_ima
         publish(data_image, dead, data_keys["good"][0], tag="t1", insecure=True)
 
 
-@pytest.mark.registry
 @needs_tools
 def test_missing_key_names_the_flag(factory_registry, tmp_path):
     with pytest.raises(ConfigError, match="--verify-key=.*openssl genrsa"):
@@ -370,8 +360,7 @@ def test_missing_key_names_the_flag(factory_registry, tmp_path):
 
 
 # ---------------------------------------------------------------- inspect
-@pytest.mark.apptainer
-@needs_apptainer
+@pytest.mark.needs("apptainer")
 def test_inspect_signed_and_unsigned(data_keys, data_image, capsys):
     priv, pub = data_keys["good"]
     text = inspect(data_image)
