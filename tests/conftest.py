@@ -56,7 +56,8 @@ PBS_BIN = Path(os.environ.get("PARSL_AURORA_PBS_PREFIX", "/opt/pbs")) / "bin"
 
 def _ok(*cmd: str) -> bool:
     try:
-        return subprocess.run(list(cmd), capture_output=True, timeout=60).returncode == 0
+        return subprocess.run(list(cmd), capture_output=True, timeout=60,
+                              check=False).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -111,7 +112,7 @@ def _pbs() -> str | None:
     if not _ok("id", PBS_USER):
         return f"the test user {PBS_USER} is missing: {how}"
     if not _ok(str(PBS_BIN / "qstat"), "-B"):
-        return f"the PBS server is not answering: `sudo bash ../shared/tools/install-openpbs.sh start`"
+        return "the PBS server is not answering: `sudo bash ../shared/tools/install-openpbs.sh start`"
     return None
 
 
