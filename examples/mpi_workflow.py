@@ -19,9 +19,11 @@ SPEC = {"num_nodes": 2, "ranks_per_node": 12, "num_ranks": 24}
 
 # cache=True lets a config's resume=True skip tasks a killed earlier run finished (else no-op).
 @bash_app(cache=True)
-def mpi_hello_affinity(parsl_resource_specification, depth=8, stdout=None, stderr=None):
-    # $PARSL_MPI_PREFIX is `mpiexec -n 24 -ppn 12 -hosts <this task's two nodes>`.
-    return (f"$PARSL_MPI_PREFIX --cpu-bind depth --depth={depth} "
+def mpi_hello_affinity(parsl_resource_specification, stdout=None, stderr=None):
+    # $PARSL_MPI_PREFIX is `mpiexec -n 24 -ppn 12 -hosts <this task's two nodes>`;
+    # $PARSL_AURORA_CPU_BIND (set by the site config, from its node model) gives each of the 12
+    # ranks on a node its own 8 cores beside its tile, skipping the cores Aurora reserves.
+    return ("$PARSL_MPI_PREFIX --cpu-bind $PARSL_AURORA_CPU_BIND "
             "set_affinity_gpu_aurora.sh hello-affinity")
 
 

@@ -9,14 +9,20 @@ from parsl_aurora import container, modes
 from parsl_aurora.modes import Queue, Site
 from parsl_aurora.topology import AURORA, Node
 
-# Published limits (ALCF "Running jobs on Aurora"); None = not published, so not checked.
+# Published limits (ALCF "Running jobs on Aurora", ../shared/reference/aurora-facts.md,
+# "Scheduler limits"); None = not published, so not checked.
 QUEUES = {
     q.name: q
     for q in (
-        Queue("debug", min_nodes=1, max_nodes=2, max_walltime="1:00:00"),
-        Queue("debug-scaling", min_nodes=2, max_nodes=256),
-        Queue("prod", min_nodes=256),
-        Queue("capacity", min_nodes=1, max_nodes=16, max_walltime="168:00:00"),
+        Queue("debug", min_nodes=1, max_nodes=2, max_walltime="1:00:00", max_user_queued=1),
+        Queue("debug-scaling", min_nodes=2, max_nodes=256, max_walltime="1:00:00",
+              max_user_queued=1),
+        # A routing queue: longer jobs for bigger ones, limits per project.
+        Queue("prod", min_nodes=256, max_walltime="12:00:00",
+              walltime_by_nodes=((1025, "18:00:00"), (2000, "24:00:00")),
+              max_project_queued=100, max_project_running=10),
+        Queue("capacity", min_nodes=1, max_nodes=16, max_walltime="168:00:00",
+              max_user_queued=5, max_user_running=2, max_user_nodes=512),
     )
 }
 
@@ -27,9 +33,11 @@ SITE = Site(
     cores_per_worker=8,
     # mpiexec lengthens TMPDIR past the AF_UNIX path limit on ALCF systems (Parsl #3947).
     worker_init="export TMPDIR=/tmp",
-    binds=container.AURORA_BINDS,
+    container_host=container.AURORA_STACK,
     # Compute nodes have apptainer only as a module.
     container_init="module load apptainer",
+    # Workers connect over the Slingshot network (ALCF's page, since 2026-07).
+    interface="hsn0",
     # A pool killed with its job (walltime, node failure) gives its tasks back within a minute,
     # not Parsl's two; ten-second heartbeats are noise for one interchange even at 10,000 nodes.
     heartbeat=(10, 60),
@@ -39,16 +47,16 @@ SITE = Site(
 )
 
 
-def multi_job(*, account: str, node: Node = AURORA, **kwargs):
+def multi_job(*, node: Node = AURORA, **kwargs):
     """Single-tile tasks spread over many PBS jobs (HighThroughputExecutor + PBSProProvider)."""
-    return modes.multi_job(SITE, node, account=account, **kwargs)
+    return modes.build("multi_job", SITE, node, **kwargs)
 
 
-def mpi_ensemble(*, account: str, node: Node = AURORA, **kwargs):
+def mpi_ensemble(*, node: Node = AURORA, **kwargs):
     """Multi-node MPI tasks over one or more PBS jobs (MPIExecutor + PBSProProvider)."""
-    return modes.mpi_ensemble(SITE, node, account=account, **kwargs)
+    return modes.build("mpi_ensemble", SITE, node, **kwargs)
 
 
 def in_job(*, node: Node = AURORA, **kwargs):
     """Everything inside the current PBS job (HighThroughputExecutor + LocalProvider)."""
-    return modes.in_job(SITE, node, **kwargs)
+    return modes.build("in_job", SITE, node, **kwargs)

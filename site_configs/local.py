@@ -7,12 +7,12 @@ providers, launchers and executors run for real.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from parsl_aurora import fake, modes, topology
+from parsl_aurora.container import HostStack
 from parsl_aurora.modes import Site
-from parsl_aurora.topology import Node
+from parsl_aurora.topology import AURORA, Node
 from site_configs.aurora import QUEUES
 
 
@@ -30,16 +30,27 @@ def _cores_per_worker(n: Node) -> int | None:
     return fit or None
 
 
+# Workers in the image on the fake cluster: the fake PALS found on the host runs there with
+# the image's Python, and without MPICH's hydra (the image has none) it starts ranks itself.
+FAKE_STACK = HostStack(env=(("PARSL_AURORA_PYTHON", "python3"), ("PARSL_AURORA_HYDRA", "")))
+
+
 def site(n: Node) -> Site:
     return Site(
         name="local",
         node=n,
         queues=QUEUES,
         cores_per_worker=_cores_per_worker(n),
-        # Blocks start from a login-like shell, as on PBS: put this interpreter's tools on PATH,
-        # behind the fake's commands (the mpich wheel's own mpiexec lives beside python).
-        worker_init=f"export PATH={fake.bin_dir()}:{Path(sys.executable).parent}:$PATH",
+        # The fake PALS maps Aurora's CPU ids onto this machine: jobs are Aurora nodes to it.
+        pals_node=AURORA,
+        # The fake PALS mpiexec ahead of the one the mpich wheel puts beside python, which the
+        # driver's activated environment brings.
+        # mpiexec lengthens TMPDIR past the AF_UNIX path limit, as on Aurora (Parsl #3947).
+        worker_init=f"export TMPDIR=/tmp\nexport PATH={fake.bin_dir()}:$PATH",
         prepare=fake.environment,
+        container_host=FAKE_STACK,
+        interface="lo",
+        real_pbs=False,
         # The fake's qstat and heartbeats are cheap and local: notice lost pools and ended jobs
         # within seconds, so walltime and crash tests finish in about a minute.
         heartbeat=(1, 5),
@@ -50,13 +61,13 @@ def site(n: Node) -> Site:
 def multi_job(*, account: str = "fake_project", node: Node | None = None, **kwargs):
     """Single-tile tasks over many fake PBS jobs (real PBSProProvider, fake qsub)."""
     n = node or fake_node()
-    return modes.multi_job(site(n), n, account=account, **kwargs)
+    return modes.build("multi_job", site(n), n, account=account, **kwargs)
 
 
 def mpi_ensemble(*, account: str = "fake_project", node: Node | None = None, **kwargs):
     """Multi-node MPI tasks on fake nodes; ranks really communicate through MPICH."""
     n = node or fake_node()
-    return modes.mpi_ensemble(site(n), n, account=account, **kwargs)
+    return modes.build("mpi_ensemble", site(n), n, account=account, **kwargs)
 
 
 def in_job(*, node: Node | None = None, nodefile: str | None = None, nodes: int = 1,
@@ -66,7 +77,6 @@ def in_job(*, node: Node | None = None, nodefile: str | None = None, nodes: int 
     if nodefile is None and not os.environ.get("PBS_NODEFILE"):
         path = Path(run_dir, "fake", "nodefile")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(h + "\n" for h in fake.host_names(nodes)))
+        path.write_text(fake.nodefile_lines(nodes))
         nodefile = str(path)
-    return modes.in_job(site(n), n, nodefile=nodefile, run_dir=run_dir,
-                        **kwargs)
+    return modes.build("in_job", site(n), n, nodefile=nodefile, run_dir=run_dir, **kwargs)

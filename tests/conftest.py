@@ -23,17 +23,24 @@ def _own_folder(tmp_path, monkeypatch):
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Processes still running whose command line or working folder is inside `folder`."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-        except OSError:
-            continue
-        if int(pid) != os.getpid() and (str(folder) in cmd or cwd.startswith(str(folder))):
-            found.append(f"{pid}: {cmd[:120]}")
-    return found
+    """Processes still running whose command line or working folder is inside `folder`.
+
+    Real PBS's own per-user qsub daemon (it lingers 60 s after a plain qsub, with the submit
+    folder as its working folder) is PBS's, not a leftover of ours.
+    """
+    from parsl_aurora.fake.procs import processes
+
+    return [f"{p.pid}: {p.cmdline[:120]}" for p in processes()
+            if p.pid != os.getpid() and p.state != "Z"
+            and (str(folder) in p.cmdline or p.cwd.startswith(str(folder)))
+            and not _pbs_qsub_daemon(p.pid)]
+
+
+def _pbs_qsub_daemon(pid: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/exe") == str(PBS_BIN / "qsub")
+    except OSError:
+        return False
 
 
 def no_leftovers(folder: Path) -> list[str]:
@@ -170,3 +177,50 @@ def built_image() -> Path:
     assert out.returncode == 0, f"image build failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     assert IMAGE.exists()
     return IMAGE
+
+
+# ---------------------------------------------------------------- PBS: the fake and the real one
+@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.needs("pbs"))])
+def cluster(request, tmp_path):
+    """Each test using it runs twice: on the fake PBS and on the real OpenPBS server."""
+    from clusters import fake_cluster, real_cluster
+
+    c = fake_cluster(tmp_path) if request.param == "fake" else real_cluster(PBS_USER, PBS_BIN)
+    yield c
+    c.cleanup()
+
+
+@pytest.fixture
+def real_pbs():
+    """The real OpenPBS server alone (mark the test `needs("pbs")`)."""
+    from clusters import real_cluster
+
+    c = real_cluster(PBS_USER, PBS_BIN)
+    yield c
+    c.cleanup()
+
+
+@pytest.fixture(scope="session")
+def user_venv(tmp_path_factory) -> Path:
+    """A venv of the system Python with this checkout installed ([fake]: MPI for the fake
+    PALS), where the PBS test user can run it: as users install, not editable.
+
+    Reused between sessions while the project's wheel is the same.
+    """
+    import hashlib
+
+    wheels = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels),
+                    str(ROOT)], check=True, capture_output=True)
+    wheel = next(wheels.glob("parsl_aurora-*.whl"))
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()[:12]
+    venv = Path("/tmp/parsl-aurora-pbs-tests") / f"venv-{digest}"
+    if not (venv / ".complete").exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        venv.parent.mkdir(mode=0o755, exist_ok=True)
+        subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
+        done = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--compile",
+                               f"{wheel}[fake]"], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (venv / ".complete").touch()
+    return venv

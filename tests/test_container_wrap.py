@@ -1,20 +1,23 @@
-"""Golden tests for worker-in-image wrapping: the exact commands Parsl will run, no apptainer needed."""
+"""Workers in the image: the commands and block lines Parsl will run, checked whole, and the
+block lines run for real in bash on a host tree (no apptainer needed here; the image itself is
+exercised in test_image.py)."""
 
 from __future__ import annotations
 
 import subprocess
 
-import pytest
 from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
 
 from parsl_aurora import container
 from parsl_aurora.container import (
-    AURORA_BINDS,
+    AURORA_STACK,
+    HostStack,
     apptainer_prefix,
-    check_image_parsl,
+    block_setup,
+    mismatch,
+    same_version,
     wrap_launch_cmd,
 )
-from parsl_aurora.errors import ImageError
 
 # The keyword arguments HTEX.initialize_scaling passes to launch_cmd.format (Parsl 2025.1.13).
 HTEX_FIELDS = {
@@ -37,31 +40,17 @@ def as_parsl_runs_it(launch_cmd: str, block_id: int = 3) -> str:
     return launch_cmd.format(**HTEX_FIELDS).format(block_id=block_id)
 
 
-def test_binds_cover_pbs_pals_and_filesystems():
-    assert AURORA_BINDS == ("/var/spool/pbs", "/var/run/palsd", "/opt/cray/pe/pals", "/home",
-                            "/lus/flare")
-
-
 def test_prefix_golden():
-    assert apptainer_prefix("/lus/flare/projects/p/aurora.sif", AURORA_BINDS[:2], ["--cleanenv"]) \
-        == ("apptainer exec --bind /var/spool/pbs --bind /var/run/palsd --cleanenv "
-            "/lus/flare/projects/p/aurora.sif")
-
-
-def test_prefix_without_binds_or_options():
-    assert apptainer_prefix("aurora.sif") == "apptainer exec aurora.sif"
-
-
-def test_prefix_quotes_paths_for_the_shell():
+    assert apptainer_prefix("/lus/flare/projects/p/aurora.sif", ["/a", "/b:/c"], ["--cleanenv"]) \
+        == "apptainer exec --bind /a --bind /b:/c --cleanenv /lus/flare/projects/p/aurora.sif"
     assert apptainer_prefix("/home/u/my images/aurora.sif", ["/home/u/a b"]) \
         == "apptainer exec --bind '/home/u/a b' '/home/u/my images/aurora.sif'"
 
 
 def test_default_launch_cmd_survives_both_formats():
-    wrapped = wrap_launch_cmd(DEFAULT_LAUNCH_CMD, "/lus/flare/p/aurora.sif", AURORA_BINDS)
-    assert as_parsl_runs_it(wrapped) == (
-        "apptainer exec --bind /var/spool/pbs --bind /var/run/palsd --bind /opt/cray/pe/pals "
-        "--bind /home --bind /lus/flare /lus/flare/p/aurora.sif " + WORKER)
+    wrapped = wrap_launch_cmd(DEFAULT_LAUNCH_CMD, "/lus/flare/p/aurora.sif")
+    assert as_parsl_runs_it(wrapped) == "apptainer exec /lus/flare/p/aurora.sif " + WORKER
+    assert "--block_id=7 " in as_parsl_runs_it(wrapped, 7)
 
 
 def test_literal_braces_in_paths_survive_both_formats():
@@ -71,62 +60,61 @@ def test_literal_braces_in_paths_survive_both_formats():
         "apptainer exec --bind '/data/{x}:/data' '/lus/flare/{proj}/aurora.sif' " + WORKER)
 
 
-def test_each_block_gets_its_own_id():
-    once = wrap_launch_cmd(DEFAULT_LAUNCH_CMD, "aurora.sif").format(**HTEX_FIELDS)
-    assert "--block_id=0 " in once.format(block_id=0)
-    assert "--block_id=7 " in once.format(block_id=7)
+def test_aurora_block_setup_golden():
+    assert block_setup(AURORA_STACK, ["/home/u/run"]) == r"""PARSL_AURORA_BINDS=
+for b in /var/spool/pbs /var/run/palsd /opt/cray /opt/aurora /usr/lib64:/host/lib64 /home /lus/flare /flare /home/u/run; do
+    [ -e "${b%%:*}" ] && PARSL_AURORA_BINDS="${PARSL_AURORA_BINDS:+$PARSL_AURORA_BINDS,}$b"
+done
+if PARSL_AURORA_MPIEXEC=$(command -v mpiexec); then
+    PARSL_AURORA_BINDS="${PARSL_AURORA_BINDS:+$PARSL_AURORA_BINDS,}${PARSL_AURORA_MPIEXEC%/*}"
+    export APPTAINERENV_PREPEND_PATH="${PARSL_AURORA_MPIEXEC%/*}"
+fi
+export APPTAINER_BIND="$PARSL_AURORA_BINDS"
+export APPTAINERENV_LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/host/lib64""" + '"'
 
 
-def fake_run(stdout: str, returncode: int = 0):
-    def run(cmd, **kwargs):
-        return subprocess.CompletedProcess(cmd, returncode, stdout=stdout, stderr="boom")
-    return run
+def test_block_setup_binds_what_the_node_has(tmp_path):
+    """Run on a host tree where only some of the site's paths exist: those are bound, the
+    host's mpiexec goes first on the image's PATH, host libraries after the node's own."""
+    (tmp_path / "opt" / "aurora").mkdir(parents=True)
+    (tmp_path / "lib64").mkdir()
+    pals = tmp_path / "pals" / "bin"
+    pals.mkdir(parents=True)
+    (pals / "mpiexec").write_text("#!/bin/sh\n")
+    (pals / "mpiexec").chmod(0o755)
+    stack = HostStack(binds=(f"{tmp_path}/opt/aurora", f"{tmp_path}/missing",
+                             f"{tmp_path}/lib64:/host/lib64"), library_dirs=("/host/lib64",),
+                      env=(("ZE_FLAT_DEVICE_HIERARCHY", "FLAT"),))
+    script = (block_setup(stack, [str(tmp_path / "run")]) + "\n" +
+              'printf "%s\\n" "$APPTAINER_BIND" "$APPTAINERENV_PREPEND_PATH" '
+              '"$APPTAINERENV_LD_LIBRARY_PATH" "$APPTAINERENV_ZE_FLAT_DEVICE_HIERARCHY"\n')
+    env = {"PATH": f"{pals}:/usr/bin:/bin", "LD_LIBRARY_PATH": "/opt/aurora/oneapi/lib"}
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == [f"{tmp_path}/opt/aurora,{tmp_path}/lib64:/host/lib64,{pals}", str(pals),
+                   "/opt/aurora/oneapi/lib:/host/lib64", "FLAT"]
 
 
-def patch_inspect_labels(monkeypatch, labels):
-    import json
-    stdout = json.dumps({"data": {"attributes": {"labels": labels}}, "type": "container"})
-    monkeypatch.setattr(container.subprocess, "run", fake_run(stdout))
-
-
-@pytest.mark.parametrize("key", container.PARSL_LABELS)
-def test_image_parsl_version_from_label(monkeypatch, key):
-    patch_inspect_labels(monkeypatch, {key: "2025.1.13"})
-    assert container.image_parsl_version("aurora.sif") == "2025.1.13"
-
-
-def test_check_image_parsl_names_both_versions_and_the_fix(monkeypatch):
-    patch_inspect_labels(monkeypatch, {container.PARSL_LABELS[0]: "2024.12.2"})
-    with pytest.raises(ImageError) as err:
-        check_image_parsl("aurora.sif", "2025.1.13")
-    assert "2024.12.2" in str(err.value) and "2025.1.13" in str(err.value)
-    assert "nox -s image" in str(err.value)
-
-
-@pytest.mark.parametrize("driver", ["2025.1.13", "2025.01.13"])
-def test_check_image_parsl_accepts_a_match(monkeypatch, driver):
-    # parsl.__version__ is "2025.01.13"; the label and pip say "2025.1.13": the same release.
-    patch_inspect_labels(monkeypatch, {container.PARSL_LABELS[0]: "2025.1.13"})
-    check_image_parsl("aurora.sif", driver)
+def test_versions_must_match():
+    assert mismatch("a.sif", ("2025.1.13", "3.11"), ("2025.01.13", "3.11")) is None
+    parsl = mismatch("a.sif", ("2024.12.2", "3.11"), ("2025.1.13", "3.11"))
+    assert "holds parsl 2024.12.2" in parsl and "runs parsl 2025.1.13" in parsl
+    python = mismatch("a.sif", ("2025.1.13", "3.11"), ("2025.1.13", "3.12"))
+    assert "holds Python 3.11" in python and "runs Python 3.12" in python
+    assert "Fix: rebuild the image" in parsl and "Fix: rebuild the image" in python
 
 
 def test_same_version():
-    assert container.same_version("2025.01.13", "2025.1.13")
-    assert not container.same_version("2025.1.13", "2024.12.2")
-    assert not container.same_version("2025.1.13.dev0", "2025.1.13")
+    assert same_version("2025.01.13", "2025.1.13")
+    assert not same_version("2025.1.13", "2024.12.2")
+    assert not same_version("2025.1.13.dev0", "2025.1.13")
 
 
-def test_unreadable_image_is_an_image_error(monkeypatch):
-    monkeypatch.setattr(container.subprocess, "run", fake_run("", returncode=255))
-    with pytest.raises(ImageError, match="missing.sif"):
-        container.image_parsl_version("missing.sif")
+def test_missing_apptainer_is_an_image_error_naming_the_fix(monkeypatch, tmp_path):
+    import pytest
 
+    from parsl_aurora.errors import ImageError
 
-def test_check_image_parsl_defaults_to_the_workflows_parsl(monkeypatch):
-    patch_inspect_labels(monkeypatch, {container.PARSL_LABELS[0]: "2024.12.2"})
-    with pytest.raises(ImageError, match="2024.12.2.*2025.1.13"):
-        check_image_parsl("aurora.sif")
-
-
-def test_default_binds_are_aurora_binds():
-    assert container.DEFAULT_BINDS == AURORA_BINDS
+    monkeypatch.setenv("PATH", str(tmp_path))  # a host without apptainer
+    with pytest.raises(ImageError, match="install-apptainer"):
+        container.image_versions("aurora.sif")

@@ -60,7 +60,7 @@ DRAIN_FIX = "Fix: ask for a longer walltime or a shorter drain_margin"
 SITE_FIX = "Fix: pass site= or set PARSL_SITE to a known site"
 ACCOUNT_FIX = "Fix: pass account=... or set PARSL_ACCOUNT"
 CONTAINER_FIX = "Fix: build one with `make image` or fetch it with `make pull`"
-OTHER_FIX = ("Fix: rebuild the image from this checkout (`nox -s image`) or run the driver "
+OTHER_FIX = ("Fix: rebuild the image from this checkout (`make image`) or run the driver "
              "inside it")
 INSTALL_FIX = "Install it: `sudo bash .ci/install-apptainer` (Debian 12), or `module load apptainer`"
 VERIFY_FIX = "Fix: check --verify-key public.pem is the publisher's public key, or republish"
@@ -79,7 +79,7 @@ CASES = [
     # ------------------------------------------------ choosing a config
     Case("site-unknown", "named a site there is no config for",
          "parsl-aurora render polaris multi_job",
-         "site='polaris' is not valid: expected aurora, local.", SITE_FIX),
+         "site='polaris' is not valid: expected aurora, local, pbs.", SITE_FIX),
     Case("mode-unknown", "named a mode that does not exist", "parsl-aurora render aurora htex",
          "mode='htex' is not valid: expected multi_job, mpi_ensemble, in_job.",
          "Fix: pass mode= or set PARSL_MODE to a known mode"),
@@ -104,7 +104,7 @@ CASES = [
          DRAIN_FIX),
     Case("queue-walltime", "asked the debug queue for two hours",
          "parsl-aurora render local multi_job --set queue=debug --set walltime=2:00:00",
-         "walltime='2:00:00' is not valid: expected at most 1:00:00 in queue 'debug'.",
+         "walltime='2:00:00' is not valid: expected at most 1:00:00 for 1-node jobs in queue 'debug'.",
          "Fix: shorten walltime or pick a queue with longer jobs"),
     Case("queue-nodes", "asked the debug queue for 4-node jobs",
          "parsl-aurora render aurora multi_job --set account=P --set nodes_per_job=4",
@@ -167,7 +167,7 @@ CASES = [
          "apptainer is not on PATH.", INSTALL_FIX, env=NO_APPTAINER, files={"aurora.sif": ""}),
     # ------------------------------------------------ the example workflows
     Case("workflow-no-site", "ran a workflow without PARSL_SITE", "workflow.py",
-         "site='' is not valid: expected aurora, local.", SITE_FIX),
+         "site='' is not valid: expected aurora, local, pbs.", SITE_FIX),
     Case("workflow-unknown-mode", "set PARSL_MODE to a mode that does not exist", "workflow.py",
          "mode='gpu' is not valid: expected multi_job, mpi_ensemble, in_job.",
          "Fix: pass mode= or set PARSL_MODE", env={"PARSL_SITE": "local", "PARSL_MODE": "gpu"}),
@@ -188,7 +188,7 @@ CASES = [
          "Fix: line 2 is '': remove blank lines and spaces", files=BLANK_LINE,
          env={"PARSL_SITE": "local", "PARSL_MODE": "in_job", "PBS_NODEFILE": "nodes.txt"}),
     Case("mpi-workflow-no-site", "ran the MPI workflow without PARSL_SITE", "mpi_workflow.py",
-         "site='' is not valid: expected aurora, local.", SITE_FIX),
+         "site='' is not valid: expected aurora, local, pbs.", SITE_FIX),
     Case("mpi-workflow-no-account", "ran the MPI workflow on Aurora without PARSL_ACCOUNT",
          "mpi_workflow.py", "account=None is not valid: expected a value "
          "(aurora.mpi_ensemble requires it).", ACCOUNT_FIX, env={"PARSL_SITE": "aurora"}),

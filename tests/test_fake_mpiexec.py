@@ -96,33 +96,23 @@ def test_options_pals_rejects(option, env):
 
 def test_parsl_mpiexec_launcher_script_runs_one_worker_per_node(tmp_path):
     """The script Parsl's MpiExecLauncher writes, as a fake PBS job on two nodes."""
-    import json
-    import time
-
+    from clusters import fake_cluster
     from parsl.launchers import MpiExecLauncher
 
-    env = {**os.environ, **fake.environment(tmp_path / "fake")}
+    cluster = fake_cluster(tmp_path)
+    d = cluster.workdir()
     launcher = MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1")
     # The launcher writes cmd_$JOBNAME.sh through an unquoted here-document: escape the $.
-    body = launcher(r'echo "worker \$PALS_RANKID on \$PARSL_AURORA_HOST in \$(pwd)"', 1, 2)
-    job = tmp_path / "job.sh"
-    job.write_text(
-        "#!/bin/bash\n#PBS -l select=2:ncpus=208\n#PBS -l walltime=0:05:00\n"
-        f"#PBS -o {tmp_path}/out\nexport JOBNAME=block-0\n{body}\n"
-    )
-    job_id = run(env, "qsub", str(job)).stdout.strip()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        doc = json.loads(run(env, "qstat", "-x", "-f", "-F", "json", job_id).stdout)
-        if doc["Jobs"][job_id]["job_state"] == "F":
-            break
-        time.sleep(0.1)
-    assert doc["Jobs"][job_id]["Exit_status"] == 0
-    jobdir = tmp_path / "fake" / "jobs" / job_id
-    hosts = fake.host_names(2)
-    workers = [x for x in (tmp_path / "out").read_text().splitlines() if x.startswith("worker")]
-    assert sorted(workers) == [f"worker {r} on {hosts[r]} in {jobdir}" for r in range(2)]
-    assert (jobdir / "cmd_block-0.sh").exists() and (jobdir / "block-0.nodes").exists()
+    body = launcher(r'echo "worker \$PALS_RANKID on \$PARSL_AURORA_HOST"', 1, 2)
+    job_id = cluster.submit(d, f"export JOBNAME=block-0\n{body}\n", "-o", str(d / "out"),
+                            directives=("-l select=2:ncpus=208", "-l walltime=0:05:00"))
+    assert cluster.wait_state(job_id, "F")["Exit_status"] == 0
+    nodes = fake.nodefile_lines(2).split()
+    workers = [x for x in (d / "out").read_text().splitlines() if x.startswith("worker")]
+    assert sorted(workers) == [f"worker {r} on {nodes[r]}" for r in range(2)]
+    # PBS starts the job in $HOME: the launcher's files land there.
+    assert (cluster.home / "cmd_block-0.sh").exists()
+    assert (cluster.home / "block-0.nodes").read_text().split() == nodes
 
 
 def test_too_many_ranks_refused():

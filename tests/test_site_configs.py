@@ -1,6 +1,8 @@
 """Parity with ALCF's reference configs, field by field, and the errors for bad requests."""
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import pytest
 from parsl.executors import HighThroughputExecutor, MPIExecutor
@@ -9,20 +11,21 @@ from parsl.providers import LocalProvider, PBSProProvider
 from test_topology import PAGE_AFFINITY
 
 import site_configs
+from parsl_aurora import topology
 from parsl_aurora.errors import ConfigError
 from parsl_aurora.topology import AURORA
 from site_configs import aurora
 
 PAGE_NODE = dataclasses.replace(AURORA, reserved_cores=())
+# This machine has no hsn0: Aurora configs built here name the interchange's address.
+AT = {"address": "10.1.2.3"}
 PAGE_TILES = [f"{g}.{t}" for g in range(6) for t in range(2)]
 USER_INIT = "source $HOME/_env/bin/activate; cd /home/me/run"
 
 
 def provider_fields(p):
-    # Our PBSProProvider only adds a settable qstat interval to Parsl's; compare Parsl's class.
-    parsl_class = next(c for c in type(p).__mro__ if c.__module__.startswith("parsl."))
     fields = {
-        "provider": parsl_class, "nodes_per_block": p.nodes_per_block, "min_blocks": p.min_blocks,
+        "provider": parsl_class(p), "nodes_per_block": p.nodes_per_block, "min_blocks": p.min_blocks,
         "max_blocks": p.max_blocks, "init_blocks": p.init_blocks,
         "launcher": type(p.launcher),
         "launcher_opts": (getattr(p.launcher, "bind_cmd", None),
@@ -35,8 +38,13 @@ def provider_fields(p):
     return fields
 
 
+def parsl_class(obj):
+    """The Parsl class ours derives from (ours only change how blocks are asked for)."""
+    return next(c for c in type(obj).__mro__ if c.__module__.startswith("parsl."))
+
+
 def htex_fields(ex):
-    return {"executor": type(ex), "accelerators": ex.available_accelerators,
+    return {"executor": parsl_class(ex), "accelerators": ex.available_accelerators,
             "workers": ex.max_workers_per_node, "cpu_affinity": ex.cpu_affinity,
             "prefetch": ex.prefetch_capacity}
 
@@ -52,9 +60,10 @@ def test_multi_job_matches_page():
             select_options="", nodes_per_block=1, min_blocks=0, max_blocks=1,
             cpus_per_node=208))
     config = aurora.multi_job(account="Aurora_deployment", node=PAGE_NODE,
-                              worker_init=USER_INIT, nodes_per_job=1, max_jobs=1)
+                              worker_init=USER_INIT, nodes_per_job=1, max_jobs=1, **AT)
     ours = config.executors[0]
     assert htex_fields(ours) == htex_fields(page)
+    assert ours.address == "10.1.2.3"
     assert provider_fields(ours.provider) == provider_fields(page.provider)
     assert USER_INIT in ours.provider.worker_init
     assert config.retries == 1
@@ -70,9 +79,10 @@ def test_mpi_ensemble_matches_page():
             cpus_per_node=208))
     config = aurora.mpi_ensemble(account="Aurora_deployment", queue="lustre_scaling",
                                  nodes_per_task=2, nodes_per_job=10, walltime="0:30:00",
-                                 worker_init=USER_INIT, node=PAGE_NODE)
+                                 worker_init=USER_INIT, node=PAGE_NODE,
+                                 allow_unlisted_queue=True, **AT)
     ours = config.executors[0]
-    assert type(ours) is MPIExecutor
+    assert isinstance(ours, MPIExecutor)
     assert ours.max_workers_per_block == page.max_workers_per_block
     assert provider_fields(ours.provider) == provider_fields(page.provider)
     assert USER_INIT in ours.provider.worker_init
@@ -89,7 +99,7 @@ def test_in_job_matches_page(tmp_path, monkeypatch):
         provider=LocalProvider(
             nodes_per_block=3, init_blocks=1, max_blocks=1,
             launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1")))
-    config = aurora.in_job(node=PAGE_NODE)
+    config = aurora.in_job(node=PAGE_NODE, **AT)
     ours = config.executors[0]
     assert htex_fields(ours) == htex_fields(page)
     assert provider_fields(ours.provider) == provider_fields(page.provider)
@@ -98,8 +108,8 @@ def test_in_job_matches_page(tmp_path, monkeypatch):
 
 
 def test_factories_build_fresh_configs():
-    a = aurora.multi_job(account="P")
-    b = aurora.multi_job(account="P")
+    a = aurora.multi_job(account="P", **AT)
+    b = aurora.multi_job(account="P", **AT)
     assert a is not b and a.executors[0] is not b.executors[0]
 
 
@@ -107,15 +117,15 @@ def test_load_from_environment(monkeypatch):
     monkeypatch.setenv("PARSL_SITE", "aurora")
     monkeypatch.setenv("PARSL_MODE", "mpi_ensemble")
     monkeypatch.setenv("PARSL_ACCOUNT", "EnvProj")
-    config = site_configs.load(nodes_per_job=4)
-    assert type(config.executors[0]) is MPIExecutor
+    config = site_configs.load(nodes_per_job=4, **AT)
+    assert isinstance(config.executors[0], MPIExecutor)
     assert config.executors[0].provider.account == "EnvProj"
     assert config.executors[0].provider.nodes_per_block == 4
 
 
 def test_arguments_win_over_environment(monkeypatch):
     monkeypatch.setenv("PARSL_SITE", "nowhere")
-    config = site_configs.load("aurora", "multi_job", account="P")
+    config = site_configs.load("aurora", "multi_job", account="P", **AT)
     assert config.executors[0].provider.account == "P"
 
 
@@ -139,25 +149,64 @@ BAD = [
     ("multi_job", {"account": "P", "queue": "debug", "nodes_per_job": 3},
      ["nodes_per_job=3", "1-2 nodes in queue 'debug'", "debug-scaling"]),
     ("multi_job", {"account": "P", "queue": "debug", "walltime": "2:00:00"},
-     ["walltime='2:00:00'", "at most 1:00:00 in queue 'debug'"]),
+     ["walltime='2:00:00'", "at most 1:00:00 for 1-node jobs in queue 'debug'"]),
     ("mpi_ensemble", {"account": "P", "queue": "prod", "nodes_per_job": 10},
      ["nodes_per_job=10", ">= 256 nodes in queue 'prod'"]),
     ("multi_job", {"account": "P", "bogus": 1}, ["option='bogus'", "walltime"]),
+    # Queue limits: ALCF lets one user have one job in debug, 100 per project in prod.
+    ("multi_job", {"account": "P", "queue": "debug", "max_jobs": 4},
+     ["max_jobs=4", "at most 1 in queue 'debug'", "pass max_jobs=1"]),
+    ("mpi_ensemble", {"account": "P", "queue": "debug-scaling", "max_jobs": 2},
+     ["max_jobs=2", "at most 1 in queue 'debug-scaling'"]),
+    ("multi_job", {"account": "P", "queue": "prod", "nodes_per_job": 256, "max_jobs": 101},
+     ["max_jobs=101", "at most 100 in queue 'prod'"]),
+    ("multi_job", {"account": "P", "queue": "capacity", "max_jobs": 6},
+     ["max_jobs=6", "at most 5 in queue 'capacity'"]),
+    ("multi_job", {"account": "P", "queue": "prod", "nodes_per_job": 512,
+                   "walltime": "13:00:00"},
+     ["walltime='13:00:00'", "at most 12:00:00 for 512-node jobs in queue 'prod'"]),
+    ("multi_job", {"account": "P", "queue": "debug-scaling", "nodes_per_job": 4,
+                   "walltime": "1:30:00"},
+     ["walltime='1:30:00'", "at most 1:00:00"]),
+    ("multi_job", {"account": "P", "queue": "dbug"},
+     ["queue='dbug'", "debug", "allow_unlisted_queue=True"]),
+    ("multi_job", {"account": "P", "hierarchy": "flat"}, ["hierarchy='flat'", "COMPOSITE"]),
+    ("multi_job", {"account": "P", "address": None, "interface": "hsn9"},
+     ["interface='hsn9'", "lo", "address="]),
+    ("multi_job", {"account": "P", "activate": "yes"}, ["activate='yes'", "True or False"]),
 ]
 
 
 @pytest.mark.parametrize("mode,kwargs,words", BAD)
 def test_bad_request_named(mode, kwargs, words):
     with pytest.raises(ConfigError) as e:
-        site_configs.load("aurora", mode, **kwargs)
+        site_configs.load("aurora", mode, **{**AT, **kwargs})
     for w in words:
         assert w in str(e.value)
     assert "Fix:" in str(e.value)
 
 
-def test_unlisted_queue_passes_unchecked():
-    config = aurora.multi_job(account="P", queue="lustre_scaling", nodes_per_job=512)
+def test_an_unlisted_queue_needs_saying_so():
+    with pytest.raises(ConfigError, match="queue='lustre_scaling'"):
+        aurora.multi_job(account="P", queue="lustre_scaling", nodes_per_job=512, **AT)
+    config = aurora.multi_job(account="P", queue="lustre_scaling", nodes_per_job=512,
+                              allow_unlisted_queue=True, **AT)
     assert config.executors[0].provider.queue == "lustre_scaling"
+
+
+def test_a_job_above_2048_nodes_gets_one_warning_line(capsys):
+    aurora.multi_job(account="P", queue="prod", nodes_per_job=2049, walltime="1:00:00", **AT)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ALCF" in err and "Parsl #4149" in err
+    aurora.multi_job(account="P", queue="prod", nodes_per_job=2048, walltime="1:00:00", **AT)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_factory_called_directly_names_a_wrong_keyword():
+    with pytest.raises(ConfigError, match="option='nodes'.*nodes_per_job"):
+        aurora.multi_job(account="P", nodes=4, **AT)
+    with pytest.raises(ConfigError, match="account=None.*requires"):
+        aurora.mpi_ensemble(**AT)
 
 
 @pytest.mark.parametrize("site,mode,choices", [
@@ -187,7 +236,7 @@ def test_in_job_empty_nodefile(tmp_path):
 def test_in_job_nodefile_argument_reaches_launcher(tmp_path):
     f = tmp_path / "nodes"
     f.write_text("a\nb\na\n")
-    provider = aurora.in_job(nodefile=str(f)).executors[0].provider
+    provider = aurora.in_job(nodefile=str(f), **AT).executors[0].provider
     assert provider.nodes_per_block == 2
     assert f"export PBS_NODEFILE={f}" in provider.worker_init
 
@@ -202,30 +251,31 @@ def test_in_job_refuses_blank_lines_in_nodefile(tmp_path):
 
 def test_reliability_defaults():
     """Encrypted, drained before walltime, lost pools noticed in seconds, jobs polled often."""
-    for config in (aurora.multi_job(account="P", walltime="1:00:00"),
-                   aurora.mpi_ensemble(account="P", walltime="1:00:00")):
+    for config in (aurora.multi_job(account="P", walltime="1:00:00", **AT),
+                   aurora.mpi_ensemble(account="P", walltime="1:00:00", **AT)):
         ex = config.executors[0]
         assert ex.encrypted is True
         assert ex.drain_period == 3600 - 300
         assert (ex.heartbeat_period, ex.heartbeat_threshold) == aurora.SITE.heartbeat
         assert ex.provider.status_polling_interval == aurora.SITE.qstat_interval < 60
-    assert aurora.multi_job(account="P", walltime="0:10:00").executors[0].drain_period == 540
-    off = aurora.multi_job(account="P", drain_margin="0:00:00").executors[0]
+    assert aurora.multi_job(account="P", walltime="0:10:00", **AT).executors[0].drain_period \
+        == 540
+    off = aurora.multi_job(account="P", drain_margin="0:00:00", **AT).executors[0]
     assert off.drain_period is None
     with pytest.raises(ConfigError, match=r"drain_margin='0:30:00'.*less than the walltime"):
-        aurora.multi_job(account="P", walltime="0:30:00", drain_margin="0:30:00")
+        aurora.multi_job(account="P", walltime="0:30:00", drain_margin="0:30:00", **AT)
 
 
 def test_container_must_exist(tmp_path):
     with pytest.raises(ConfigError, match=r"container=.*nope\.sif.*make image"):
-        aurora.multi_job(account="P", container=str(tmp_path / "nope.sif"))
+        aurora.multi_job(account="P", container=str(tmp_path / "nope.sif"), **AT)
 
 
 def test_container_from_environment_reaches_the_factory(tmp_path, monkeypatch):
     monkeypatch.setenv("PARSL_CONTAINER", str(tmp_path / "missing.sif"))
     (tmp_path / "nodes").write_text("x1\n")
     with pytest.raises(ConfigError, match="missing.sif"):
-        site_configs.load("aurora", "in_job", nodefile=str(tmp_path / "nodes"))
+        site_configs.load("aurora", "in_job", nodefile=str(tmp_path / "nodes"), **AT)
 
 
 def test_resume_and_monitoring_options(tmp_path):
@@ -233,12 +283,85 @@ def test_resume_and_monitoring_options(tmp_path):
     for mode, kw in (("multi_job", {"account": "P"}), ("mpi_ensemble", {"account": "P"}),
                      ("in_job", {"nodefile": str(tmp_path / "nodes")})):
         (tmp_path / "nodes").write_text("x1\n")
-        plain = site_configs.load("aurora", mode, **kw)
+        plain = site_configs.load("aurora", mode, **kw, **AT)
         assert plain.checkpoint_mode is None and not plain.checkpoint_files
         assert plain.monitoring is None
         config = site_configs.load("aurora", mode, resume=True, monitoring=True,
-                                   run_dir=str(tmp_path / "runinfo"), **kw)
+                                   run_dir=str(tmp_path / "runinfo"), **kw, **AT)
         assert config.app_cache is True and config.checkpoint_mode == "task_exit"
         assert config.checkpoint_files == [str(tmp_path / "runinfo" / "000" / "checkpoint")]
         assert config.monitoring.logging_endpoint == \
             f"sqlite:///{tmp_path / 'runinfo' / 'monitoring.db'}"
+
+
+# ---------------------------------------------------------------- what a block runs
+def test_block_lines_in_order(tmp_path, monkeypatch):
+    """The driver's environment, the site's lines, the hierarchy, the run directory (launcher
+    files go there), then the user's own lines; the pools start in the driver's folder."""
+    monkeypatch.chdir(tmp_path)
+    ex = aurora.multi_job(account="P", worker_init=USER_INIT, **AT).executors[0]
+    assert ex.provider.worker_init.splitlines() == [
+        f"source {sys.prefix}/bin/activate", "export TMPDIR=/tmp",
+        "export ZE_FLAT_DEVICE_HIERARCHY=COMPOSITE", f"cd {tmp_path}/runinfo", USER_INIT]
+    assert ex.launch_cmd.startswith(f"cd {tmp_path} && worker_pool_guard.sh process_worker_pool")
+    quiet = aurora.multi_job(account="P", activate=False, **AT).executors[0]
+    assert "activate" not in quiet.provider.worker_init
+
+
+def test_mpi_ranks_get_a_binding_list_from_the_node_model():
+    ex = aurora.mpi_ensemble(account="P", **AT).executors[0]
+    bind = next(line for line in ex.provider.worker_init.splitlines()
+                if "PARSL_AURORA_CPU_BIND" in line).split("=", 1)[1]
+    assert bind == topology.rank_cpu_bind(AURORA)
+    cpus = {c for entry in bind.removeprefix("list:").split(":")
+            for part in entry.split(",") for c in range(int(part.split("-")[0]),
+                                                        int(part.split("-")[-1]) + 1)}
+    assert not cpus & {0, 52, 104, 156}  # the reserved cores and their hyperthreads
+
+
+@pytest.mark.parametrize("given,env,masks", [
+    (None, None, [f"{g}.{t}" for g in range(6) for t in range(2)]),
+    (None, "FLAT", [str(i) for i in range(12)]),
+    ("COMPOSITE", "FLAT", [f"{g}.{t}" for g in range(6) for t in range(2)]),
+    ("FLAT", None, [str(i) for i in range(12)]),
+])
+def test_masks_follow_the_gpu_hierarchy_the_block_exports(monkeypatch, given, env, masks):
+    if env:
+        monkeypatch.setenv("ZE_FLAT_DEVICE_HIERARCHY", env)
+    else:
+        monkeypatch.delenv("ZE_FLAT_DEVICE_HIERARCHY", raising=False)
+    ex = aurora.multi_job(account="P", hierarchy=given, **AT).executors[0]
+    assert ex.available_accelerators == masks
+    flat = masks[0] == "0"
+    assert f"export ZE_FLAT_DEVICE_HIERARCHY={'FLAT' if flat else 'COMPOSITE'}" \
+        in ex.provider.worker_init.splitlines()
+
+
+def test_the_driver_environment_is_activated_whatever_its_kind(tmp_path, monkeypatch):
+    from parsl_aurora.modes import driver_environment
+
+    venv, conda, plain = tmp_path / "venv", tmp_path / "conda", tmp_path / "plain"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (venv / "bin" / "activate").write_text("")
+    (conda / "conda-meta").mkdir(parents=True)
+    plain.mkdir()
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    assert driver_environment() == f"source {venv}/bin/activate"
+    monkeypatch.setattr(sys, "prefix", str(conda))
+    monkeypatch.setenv("CONDA_EXE", "/opt/conda/bin/conda")
+    assert driver_environment() == ('eval "$(/opt/conda/bin/conda shell.bash hook)" && '
+                                    f"conda activate {conda}")
+    monkeypatch.delenv("CONDA_EXE")
+    assert driver_environment() == f"export PATH={conda}/bin:$PATH"
+    monkeypatch.setattr(sys, "prefix", str(plain))
+    assert driver_environment() == f"export PATH={Path(sys.executable).parent}:$PATH"
+
+
+def test_inside_the_image_pbs_needs_the_bridge(monkeypatch, tmp_path):
+    """Apptainer sets APPTAINER_CONTAINER in the image: without the bridge's socket, the PBS
+    modes refuse before submitting, saying how to run the driver."""
+    monkeypatch.setenv("APPTAINER_CONTAINER", str(tmp_path / "aurora.sif"))
+    monkeypatch.delenv("PARSL_AURORA_PBS_BRIDGE", raising=False)
+    with pytest.raises(ConfigError, match="pbs-bridge -- apptainer exec aurora.sif"):
+        aurora.multi_job(account="P", **AT)

@@ -34,7 +34,11 @@ def cmd_render(args) -> int:
     import site_configs
     from parsl_aurora.render import render
 
-    config = site_configs.load(args.site, args.mode, **_settings(args.set))
+    settings = _settings(args.set)
+    if "interface" not in settings and "address" not in settings:
+        # A dry run works anywhere: the interface's address is only looked up where it runs.
+        settings["address"] = "<interchange-address>"
+    config = site_configs.load(args.site, args.mode, **settings)
     sys.stdout.write(render(config))
     return 0
 
@@ -58,6 +62,16 @@ def cmd_inspect(args) -> int:
     key = Path(args.verify_key) if args.verify_key else None
     sys.stdout.write(inspect(Path(args.image), key))
     return 0
+
+
+def cmd_pbs_bridge(args) -> int:
+    from parsl_aurora.bridge import HOW, run_bridged
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise ConfigError("command", None, "the command to run with PBS reachable",
+                          f"write it after --, e.g. `{HOW}`")
+    return run_bridged(command)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,6 +122,13 @@ def parser() -> argparse.ArgumentParser:
     ins.add_argument("--verify-key", default=None, metavar="PUBLIC.pem",
                      help="also check the signature with this public key")
     ins.set_defaults(func=cmd_inspect)
+    br = sub.add_parser(
+        "pbs-bridge", help="run a command (the driver in the image) that can reach PBS",
+        description="Serve qsub, qstat and qdel of this login node to COMMAND, typically "
+                    "`apptainer exec aurora.sif python workflow.py`, whose image cannot "
+                    "authenticate to PBS itself; the bridge ends with the command.")
+    br.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    br.set_defaults(func=cmd_pbs_bridge)
     return p
 
 

@@ -9,20 +9,71 @@ import json
 import shlex
 import subprocess
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from parsl_aurora.errors import ImageError
 
-# Host paths a worker inside the image needs on Aurora. Callers drop the ones missing on their
-# host (apptainer refuses to bind a missing source), which keeps these functions pure.
+# Host paths a worker inside the image needs on Aurora ("src" or "src:dest"). The block script
+# binds those that exist on the compute node it runs on (see block_setup), not those that exist
+# on the login node where the config is built.
 AURORA_BINDS: tuple[str, ...] = (
     "/var/spool/pbs",     # PBS_NODEFILE=/var/spool/pbs/aux/<jobid>: MPI mode reads the node list
     "/var/run/palsd",     # PALS daemon sockets: mpiexec from inside a worker reaches the launcher
-    "/opt/cray/pe/pals",  # PALS mpiexec and libpals, for MPI apps started from a worker
+    "/opt/cray",          # PALS mpiexec and libpals, for MPI apps started from a worker
+    "/opt/aurora",        # the programming environment: oneAPI runtime, SYCL, Aurora MPICH
+    # Level Zero, the GPU driver and IGC live in the host's /usr/lib64, which in a Debian image
+    # holds the image's own loader: bound elsewhere and named on LD_LIBRARY_PATH instead.
+    "/usr/lib64:/host/lib64",
     "/home",              # users' code, configs and Parsl's run directories
-    "/lus/flare",         # the Lustre project file system (data, outputs)
+    "/lus/flare",         # the Lustre project file system (data, outputs) ...
+    "/flare",             # ... and the name users give it
 )
-# The name the rest of the bundle uses: Aurora's binds are the default.
-DEFAULT_BINDS = AURORA_BINDS
+AURORA_LIBRARY_DIRS: tuple[str, ...] = ("/host/lib64",)
+
+
+@dataclass(frozen=True)
+class HostStack:
+    """What a site's compute nodes lend to workers that run in the image."""
+
+    binds: tuple[str, ...] = ()
+    # In-image folders appended to LD_LIBRARY_PATH, after the host's own LD_LIBRARY_PATH (the
+    # modules loaded on the node, e.g. oneAPI's, whose folders the binds make visible).
+    library_dirs: tuple[str, ...] = ()
+    # Variables set inside the image only (Apptainer's APPTAINERENV_<NAME>).
+    env: tuple[tuple[str, str], ...] = ()
+
+
+AURORA_STACK = HostStack(binds=AURORA_BINDS, library_dirs=AURORA_LIBRARY_DIRS)
+
+
+def block_setup(stack: HostStack, extra_binds: Iterable[str] = ()) -> str:
+    """Shell lines for a block whose workers run in the image, run on the compute node.
+
+    Binds the stack's paths that exist there (and `extra_binds`), puts the host's own `mpiexec`
+    first on PATH inside the image (Apptainer resets PATH) and the host libraries on
+    LD_LIBRARY_PATH; all through Apptainer's environment variables, so the worker command
+    itself stays `apptainer exec IMAGE ...`.
+    """
+    binds = " ".join(shlex.quote(b) for b in dict.fromkeys([*stack.binds, *extra_binds]))
+    libs = ":".join(stack.library_dirs)
+    lines = [
+        "PARSL_AURORA_BINDS=",
+        f"for b in {binds}; do",
+        '    [ -e "${b%%:*}" ] && PARSL_AURORA_BINDS="${PARSL_AURORA_BINDS:+$PARSL_AURORA_BINDS,}$b"',
+        "done",
+        "if PARSL_AURORA_MPIEXEC=$(command -v mpiexec); then",
+        '    PARSL_AURORA_BINDS="${PARSL_AURORA_BINDS:+$PARSL_AURORA_BINDS,}${PARSL_AURORA_MPIEXEC%/*}"',
+        '    export APPTAINERENV_PREPEND_PATH="${PARSL_AURORA_MPIEXEC%/*}"',
+        "fi",
+        'export APPTAINER_BIND="$PARSL_AURORA_BINDS"',
+    ]
+    if libs:
+        lines.append(f'export APPTAINERENV_LD_LIBRARY_PATH="${{LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}}'
+                     f'{libs}"')
+    lines += [f"export APPTAINERENV_{k}={shlex.quote(v)}" for k, v in stack.env]
+    return "\n".join(lines)
+
+
 # Labels written by container/aurora.def; the first one present names the image's Parsl.
 PARSL_LABELS = ("org.parsl-project.parsl.version", "parsl.version")
 
@@ -53,32 +104,40 @@ def wrap_launch_cmd(launch_cmd: str, image: str, binds: Iterable[str] = (),
     return _escape_braces(apptainer_prefix(image, binds, options), 2) + " " + launch_cmd
 
 
-# --- reading an image's Parsl version (runs apptainer) ---------------------------------------
+# --- reading what an image holds (runs apptainer) -------------------------------------------
+PYTHON_LABEL = "parsl-aurora.python"
+PROBE = ("import sys, importlib.metadata as m; "
+         "print(m.version('parsl'), '%d.%d' % sys.version_info[:2])")
+
 
 def parsl_version_from_labels(labels: dict[str, str]) -> str | None:
     return next((labels[k] for k in PARSL_LABELS if labels.get(k)), None)
 
 
-def image_parsl_version(image: str) -> str:
-    """The Parsl inside `image`: its label if it has one, else what `import parsl` says."""
+def image_versions(image: str, wanted_parsl: str | None = None) -> tuple[str, str]:
+    """(Parsl version, Python major.minor) inside `image`: from its labels, else by running it.
+
+    When the labels name another Parsl than `wanted_parsl`, that is answer enough.
+    """
     from parsl_aurora.image import apptainer
 
     exe = apptainer()  # a missing runtime says how to install it, before any subprocess
     inspect = subprocess.run([exe, "inspect", "--json", "--labels", image],
                              capture_output=True, text=True, check=False)
+    labels = {}
     if inspect.returncode == 0:
         labels = json.loads(inspect.stdout)["data"]["attributes"].get("labels") or {}
-        version = parsl_version_from_labels(labels)
-        if version:
-            return version
-    run = subprocess.run([exe, "exec", image, "python", "-c",
-                          "import parsl; print(parsl.__version__)"],
+    parsl, python = parsl_version_from_labels(labels), labels.get(PYTHON_LABEL)
+    if parsl and (python or (wanted_parsl and not same_version(parsl, wanted_parsl))):
+        return parsl, python or "unknown"
+    run = subprocess.run([exe, "exec", image, "python", "-c", PROBE],
                          capture_output=True, text=True, check=False)
     if run.returncode != 0:
         raise ImageError(f"cannot read the Parsl version of image {image!r}: "
                          f"{(run.stderr or inspect.stderr).strip()}. Fix: check the path, or "
-                         "rebuild it with `nox -s image`")
-    return run.stdout.strip()
+                         "rebuild it with `make image`")
+    parsl, python = run.stdout.split()
+    return parsl, python
 
 
 def same_version(a: str, b: str) -> bool:
@@ -89,18 +148,28 @@ def same_version(a: str, b: str) -> bool:
     return key(a) == key(b)
 
 
-def check_image_parsl(image: str, expected: str | None = None) -> None:
-    """ImageError unless the image's Parsl is `expected` (workers and driver must agree).
+def mismatch(image: str, found: tuple[str, str], wanted: tuple[str, str]) -> str | None:
+    """Why workers in `image` (holding `found` = (Parsl, Python)) cannot serve a driver running
+    `wanted`, or None when they can."""
+    fix = ("Fix: rebuild the image from this checkout (`make image`) or run the driver inside "
+           f"it (`apptainer exec {image} python workflow.py`)")
+    if not same_version(found[0], wanted[0]):
+        return (f"image {image!r} holds parsl {found[0]}, but this workflow runs parsl "
+                f"{wanted[0]}; workers and the driver must run the same Parsl. {fix}")
+    if found[1] != wanted[1]:
+        return (f"image {image!r} holds Python {found[1]}, but this workflow runs Python "
+                f"{wanted[1]}; Parsl's interchange refuses workers of another Python. {fix}, "
+                f"or make the driver's environment with Python {found[1]}")
+    return None
 
-    `expected` defaults to the Parsl this workflow imports.
-    """
-    if expected is None:
-        from importlib.metadata import version
-        expected = version("parsl")
-    found = image_parsl_version(image)
-    if not same_version(found, expected):
-        raise ImageError(
-            f"image {image!r} holds parsl {found}, but this workflow runs parsl {expected}; "
-            "workers and the driver must run the same Parsl. Fix: rebuild the image from this "
-            "checkout (`nox -s image`) or run the driver inside it (`apptainer exec "
-            f"{image} python workflow.py`)")
+
+def check_image(image: str) -> None:
+    """ImageError unless the image holds the driver's Parsl and Python major.minor: Parsl's
+    interchange refuses other workers only after the queue wait."""
+    import sys
+    from importlib.metadata import version
+
+    wanted = (version("parsl"), f"{sys.version_info[0]}.{sys.version_info[1]}")
+    why = mismatch(image, image_versions(image, wanted[0]), wanted)
+    if why:
+        raise ImageError(why)

@@ -30,6 +30,10 @@ class ConfigError(AuroraError, ValueError):
         super().__init__(f"{field}={value!r} is not valid: expected {choices}. Fix: {fix}")
 
 
+class SchedulerError(AuroraError):
+    """The scheduler will not run this workflow's blocks; the message names the cause."""
+
+
 class ImageError(AuroraError):
     """An image is missing, unreadable, unsigned, altered or holds another Parsl."""
 

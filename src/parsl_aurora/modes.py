@@ -1,7 +1,7 @@
 """The three execution modes, built once for every site: multi-job, MPI ensemble, in-job.
 
-A `Site` is data (node model, queue table, defaults, environment hook); the functions here turn a
-site plus a user's request into a fresh Parsl `Config`, checking the request first.
+A `Site` is data (node model, queue table, defaults, environment hooks); the functions here turn
+a site plus a user's request into a fresh Parsl `Config`, checking the request first.
 """
 
 from __future__ import annotations
@@ -9,33 +9,58 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from parsl_aurora import topology
+from parsl_aurora.container import HostStack
 from parsl_aurora.errors import ConfigError
 from parsl_aurora.topology import Node
 
 MODES = ("multi_job", "mpi_ensemble", "in_job")
 # Parsl submits the first blocks on the strategy's first tick, 5 s after load by default. The
 # interchange is up about 0.2 s after load: a 0.05 s tick submits the first block right then.
-# Each tick is an in-process check and two interchange queries (scheduler polls keep their own,
-# slower interval): about 2% of a core while idle.
+# Each tick is an in-process check and two interchange queries (scheduler calls keep their own,
+# slower interval and back off when refused): about 2% of a core while idle.
 STRATEGY_PERIOD = 0.05
 # Installed on PATH with this package (and in the image): see _launch_cmd.
 GUARD = "worker_pool_guard.sh"
 WALLTIME = re.compile(r"^(\d+):([0-5]\d):([0-5]\d)$")
+# ALCF recommends at most this many nodes per job; Parsl #4149 reports HTEX scaling problems
+# beyond it on Aurora.
+LARGEST_ADVISED_JOB = 2048
 
 
 @dataclass(frozen=True)
 class Queue:
-    """A PBS queue's limits; None means the limit is not published, so it is not checked."""
+    """A PBS queue's published limits; None means not published, so not checked."""
 
     name: str
     min_nodes: int = 1
     max_nodes: int | None = None
     max_walltime: str | None = None
+    # Longer jobs allowed for bigger ones: ((from_nodes, max_walltime), ...), ascending.
+    walltime_by_nodes: tuple[tuple[int, str], ...] = ()
+    max_user_queued: int | None = None  # queued or running jobs one user may have
+    max_user_running: int | None = None
+    max_project_queued: int | None = None
+    max_project_running: int | None = None
+    max_user_nodes: int | None = None  # nodes across one user's jobs in the queue
+
+    def walltime_cap(self, nodes: int) -> str | None:
+        cap = self.max_walltime
+        for low, walltime in self.walltime_by_nodes:
+            if nodes >= low:
+                cap = walltime
+        return cap
+
+    def max_jobs(self) -> int | None:
+        """How many of one user's jobs the queue takes at once (queued or running)."""
+        limits = [x for x in (self.max_user_queued, self.max_project_queued) if x is not None]
+        return min(limits) if limits else None
 
 
 @dataclass(frozen=True)
@@ -47,22 +72,36 @@ class Site:
     queues: Mapping[str, Queue] = field(default_factory=dict)
     # Physical cores each worker is pinned to; None pins nothing (cpu_affinity="none").
     cores_per_worker: int | None = 8
-    # Shell lines run before the user's worker_init in every block.
+    # Physical cores per MPI rank in the one-rank-per-tile binding list (PARSL_AURORA_CPU_BIND).
+    cores_per_rank: int = 8
+    # The node as PBS and PALS see it: its ncpus in select statements, its logical CPU ids in
+    # mpiexec's --cpu-bind lists. The fake PALS maps Aurora's ids onto this host, so the fake
+    # sites' is Aurora's node; None: the node the mode is given.
+    pals_node: Node | None = None
+    # Shell lines every block runs after the driver's environment is activated.
     worker_init: str = ""
     # Called when a config is built, for sites that need the environment prepared (the fake).
     prepare: Callable[[Path], dict[str, str]] | None = None
-    # Host paths bound into the image when workers run in one (those missing here are skipped).
-    binds: tuple[str, ...] = ()
-    # Shell lines that put `apptainer` on PATH in a block (e.g. `module load apptainer`).
+    # What compute nodes lend to workers in the image, and the lines that put apptainer on PATH.
+    container_host: HostStack = field(default_factory=HostStack)
     container_init: str = ""
+    # The network interface workers reach the interchange through.
+    interface: str = "lo"
+    # True where jobs run on other machines through a real PBS (Aurora, the OpenPBS site): then
+    # a driver inside the image runs its workers in the same image and reaches PBS through the
+    # bridge. False for the fake, whose jobs run beside the driver, in its container if any.
+    real_pbs: bool = True
     # (period, threshold) in seconds: how often a worker pool and the interchange hear from each
     # other, and how long a silence means the pool is gone and its tasks go back to be retried.
     # Parsl's (30, 120) leaves tasks in a job killed at walltime stranded for two minutes.
     heartbeat: tuple[int, int] = (30, 120)
     # Seconds between qstat calls: how soon a job that ended is noticed and replaced.
-    qstat_interval: int = 60
+    qstat_interval: float = 60
+    # (first, longest) seconds between asking PBS again after a refusal or a failed qstat.
+    backoff: tuple[float, float] = (2.0, 60.0)
 
 
+# ---------------------------------------------------------------- checks of a request
 def _seconds(name: str, value: object) -> int:
     m = WALLTIME.match(value) if isinstance(value, str) else None
     if not m:
@@ -116,11 +155,16 @@ def check_account(account: object) -> str:
     return account
 
 
-def check_queue(site: Site, queue: str, nodes: int, walltime: str) -> None:
+def check_queue(site: Site, queue: object, nodes: int, walltime: str, max_jobs: int,
+                allow_unlisted: bool = False) -> None:
     """Refuse a request the queue's published limits would reject after a queue wait."""
-    q = site.queues.get(queue)
-    if q is None:  # special queues (e.g. lustre_scaling) are passed through unchecked
-        return
+    q = site.queues.get(queue) if isinstance(queue, str) else None
+    if q is None:
+        if allow_unlisted and isinstance(queue, str) and queue:
+            return  # special queues (e.g. lustre_scaling) exist; the user says this is one
+        raise ConfigError("queue", queue, list(site.queues),
+                          "use one of these, or pass allow_unlisted_queue=True for a special "
+                          "queue ALCF gave you")
     if nodes < q.min_nodes or (q.max_nodes is not None and nodes > q.max_nodes):
         fits = [n for n, x in site.queues.items()
                 if x.min_nodes <= nodes and (x.max_nodes is None or nodes <= x.max_nodes)]
@@ -128,43 +172,139 @@ def check_queue(site: Site, queue: str, nodes: int, walltime: str) -> None:
         raise ConfigError("nodes_per_job", nodes, f"{limit} nodes in queue {queue!r}",
                           f"use a queue that takes {nodes} nodes ({', '.join(fits) or 'none'})"
                           " or change nodes_per_job")
-    if q.max_walltime and walltime_seconds(walltime) > walltime_seconds(q.max_walltime):
-        raise ConfigError("walltime", walltime, f"at most {q.max_walltime} in queue {queue!r}",
+    cap = q.walltime_cap(nodes)
+    if cap and walltime_seconds(walltime) > walltime_seconds(cap):
+        raise ConfigError("walltime", walltime,
+                          f"at most {cap} for {nodes}-node jobs in queue {queue!r}",
                           "shorten walltime or pick a queue with longer jobs")
+    most = q.max_jobs()
+    if most is not None and max_jobs > most:
+        raise ConfigError("max_jobs", max_jobs,
+                          f"at most {most} in queue {queue!r} (ALCF lets one user have "
+                          f"{most} queued or running job{'s' if most > 1 else ''} there)",
+                          f"pass max_jobs={most}, or use a queue that takes more jobs")
+    if q.max_user_nodes is not None and nodes * max_jobs > q.max_user_nodes:
+        raise ConfigError("max_jobs", max_jobs,
+                          f"at most {q.max_user_nodes // nodes} jobs of {nodes} nodes in queue "
+                          f"{queue!r} ({q.max_user_nodes} nodes per user)",
+                          "lower max_jobs or nodes_per_job")
+    if nodes > LARGEST_ADVISED_JOB:
+        print(f"parsl-aurora: warning: nodes_per_job={nodes} is above the {LARGEST_ADVISED_JOB} "
+              "nodes ALCF advises per job, and Parsl's HighThroughputExecutor is reported to "
+              "struggle beyond it on Aurora (Parsl #4149); consider more, smaller jobs",
+              file=sys.stderr)
 
 
-def _worker_init(site: Site, user: str, container: str | None = None) -> str:
-    # The user's lines go last and verbatim, so they can override anything the site sets.
-    lines = (site.worker_init, site.container_init if container else "", user)
-    return "\n".join(s for s in lines if s)
+def _boolean(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(name, value, "True or False", f"pass {name}=True or {name}=False")
+    return value
 
 
-def _launch_cmd(site: Site, container: str | None, binds: tuple[str, ...], run_dir: str) -> str:
-    """Parsl's worker-pool command under worker_pool_guard.sh, in `apptainer exec` when workers
-    use an image.
+# ---------------------------------------------------------------- what a block runs
+def in_image() -> str | None:
+    """The image this process runs in (Apptainer sets APPTAINER_CONTAINER), or None."""
+    return os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")
 
-    The guard ends whatever a crashed pool leaves behind, so its block ends and a new one takes
-    its tasks (container/scripts/worker_pool_guard.sh says why). The image must hold the
-    driver's Parsl: checked here, before anything is submitted.
+
+def driver_environment() -> str:
+    """Shell lines that activate, in a block, the Python environment this driver runs from.
+
+    A venv is sourced; a conda prefix is activated through conda's own hook when conda is
+    known (so its activate.d scripts run), else put on PATH; a plain interpreter's folder goes
+    first on PATH. Jobs start from a login environment, which has none of these.
+    """
+    prefix = Path(sys.prefix)
+    if (prefix / "pyvenv.cfg").is_file() and (prefix / "bin" / "activate").is_file():
+        return f"source {shlex.quote(str(prefix / 'bin' / 'activate'))}"
+    if (prefix / "conda-meta").is_dir():
+        conda = os.environ.get("CONDA_EXE")
+        if conda:
+            return (f'eval "$({shlex.quote(conda)} shell.bash hook)" && '
+                    f"conda activate {shlex.quote(str(prefix))}")
+        return f"export PATH={shlex.quote(str(prefix / 'bin'))}:$PATH"
+    return f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH"
+
+
+def check_interface(interface: object, address: object) -> str:
+    """The address workers connect to: `address` as given, else `interface`'s IPv4 address."""
+    if address is not None:
+        if not isinstance(address, str) or not address:
+            raise ConfigError("address", address, "an IP address or host name",
+                              "pass address='10.1.2.3', or leave it out and name interface=")
+        return address
+    from parsl.addresses import address_by_interface
+
+    try:
+        return address_by_interface(interface)
+    except (OSError, TypeError, AssertionError):
+        names = sorted(name for _, name in socket_interfaces())
+        raise ConfigError("interface", interface, names,
+                          "run on a node that has it (Aurora's login and compute nodes have "
+                          "hsn0), or pass interface= one of these, or address=") from None
+
+
+def socket_interfaces() -> list[tuple[int, str]]:
+    import socket
+
+    return socket.if_nameindex()
+
+
+@dataclass(frozen=True)
+class Block:
+    """What every block of a config runs, decided once for all modes."""
+
+    worker_init: str
+    launch_cmd: str
+    address: str
+    hierarchy: str
+
+
+def _block(site: Site, node: Node, mode: str, *, worker_init: str, run_dir: str,
+           container: str | None, binds: tuple[str, ...], interface: str | None,
+           address: str | None, hierarchy: str | None, activate: bool) -> Block:
+    """The block's shell lines and worker command: environment, folder, GPU hierarchy, image.
+
+    In order: the driver's Python environment (or, for workers in an image, apptainer); the
+    site's lines; what the host lends to the image; the GPU hierarchy the masks are written for;
+    the user's worker_init last, so it can override anything above. Launcher files land in the
+    run directory; worker pools start in the driver's working directory, as Parsl's shared file
+    system contract has it (a bash app's relative stdout= lands where the driver runs).
     """
     from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
 
     from parsl_aurora import container as ctr
 
+    _boolean("activate", activate)
+    address = check_interface(site.interface if interface is None else interface, address)
+    hierarchy = topology.check_hierarchy(
+        hierarchy or os.environ.get("ZE_FLAT_DEVICE_HIERARCHY") or "COMPOSITE")
+    image = container
+    if image is None and site.real_pbs and in_image():
+        image = in_image()  # the driver runs in an image: its workers run in the same one
+    run_path, here = Path(run_dir).resolve(), Path.cwd()
+    if image:
+        if not Path(image).is_file():
+            raise ConfigError("container", image, "a path to an existing .sif image",
+                              "build one with `make image` or fetch it with `make pull`")
+        image = str(Path(image).resolve())
+        ctr.check_image(image)
+        lines = [site.container_init, site.worker_init,
+                 ctr.block_setup(site.container_host, [str(run_path), str(here), *binds])]
+    else:
+        lines = [driver_environment() if activate else "", site.worker_init]
+    lines.append(f"export ZE_FLAT_DEVICE_HIERARCHY={hierarchy}")
+    if mode == "mpi_ensemble":
+        # `--cpu-bind $PARSL_AURORA_CPU_BIND` in an app: one rank per tile, reserved cores left.
+        bind = topology.rank_cpu_bind(site.pals_node or node, site.cores_per_rank)
+        lines.append(f"export PARSL_AURORA_CPU_BIND={bind}")
+    lines += [f"cd {shlex.quote(str(run_path))}", worker_init]
     command = f"{GUARD} {DEFAULT_LAUNCH_CMD}"
-    if not container:
-        return command
-
-    image = Path(container)
-    if not image.is_file():
-        raise ConfigError("container", container, "a path to an existing .sif image",
-                          "build one with `make image` or fetch it with `make pull`")
-    ctr.check_image_parsl(str(image.resolve()))
-    # Worker logs go under run_dir; the other binds are the site's, where this host has them.
-    wanted = [b for b in site.binds if Path(b.split(":")[0]).exists()]
-    wanted += [str(Path(run_dir).resolve()), *binds]
-    return ctr.wrap_launch_cmd(command, str(image.resolve()),
-                               list(dict.fromkeys(wanted)))
+    if image:
+        command = ctr.wrap_launch_cmd(command, image)
+    # Literal braces would meet Parsl's two rounds of str.format: quadruple them.
+    cd = ctr._escape_braces(f"cd {shlex.quote(str(here))} && ", 2)
+    return Block("\n".join(s for s in lines if s), cd + command, address, hierarchy)
 
 
 def _scheduler_options(filesystems: str, extra: str) -> str:
@@ -177,24 +317,24 @@ def _prepare(site: Site, run_dir: str) -> None:
         os.environ.update(site.prepare(Path(run_dir, "fake")))
 
 
-def _robust(site: Site, drain: int | None, encrypted: bool) -> dict:
-    """Executor settings every mode shares: how lost pools are noticed and who may connect."""
-    from functools import partial
-
-    from parsl.jobs.error_handlers import windowed_error_handler
+def _robust(site: Site, drain: int | None, encrypted: bool, block: Block) -> dict:
+    """Executor settings every mode shares: how blocks are given up on, lost pools noticed,
+    and who may connect."""
+    from parsl_aurora.executors import GiveUp
 
     period, threshold = site.heartbeat
     return {
+        "address": block.address,
         "heartbeat_period": period,
         "heartbeat_threshold": threshold,
         "drain_period": drain,
-        # Parsl's default gives up on the whole executor when every block so far has failed,
-        # e.g. the in-job mode's one block after a crash; three failures in a row still stop a
-        # workflow whose blocks cannot start at all.
-        "block_error_handler": partial(windowed_error_handler, threshold=3),
+        # A refused qsub is "not now"; three accepted blocks in a row that never start workers
+        # still stop a workflow whose blocks cannot start, with their stderr in the error.
+        "block_error_handler": GiveUp(threshold=3),
         # CurveZMQ: only pools holding this run's keys can register, fetch tasks (pickles) or
         # send results back; the interchange listens on a shared login node.
-        "encrypted": encrypted,
+        "encrypted": _boolean("encrypted", encrypted),
+        "launch_cmd": block.launch_cmd,
     }
 
 
@@ -203,14 +343,14 @@ def _config(executor, *, retries: int, run_dir: str, resume: bool, monitoring: b
     from parsl.config import Config
 
     extra: dict = {}
-    if resume:
+    if _boolean("resume", resume):
         from parsl.utils import get_all_checkpoints
 
         # Apps declared with cache=True are skipped when an earlier run in run_dir finished
         # them; each result is checkpointed as it arrives, so a killed driver loses none.
         extra.update(app_cache=True, checkpoint_mode="task_exit",
                      checkpoint_files=get_all_checkpoints(run_dir))
-    if monitoring:
+    if _boolean("monitoring", monitoring):
         try:
             import sqlalchemy  # noqa: F401
         except ImportError:
@@ -228,16 +368,16 @@ def _config(executor, *, retries: int, run_dir: str, resume: bool, monitoring: b
                   strategy_period=STRATEGY_PERIOD, **extra)
 
 
-def _htex_tiles(site: Site, node: Node, provider, label: str, launch_cmd: str | None,
-                robust: dict):
-    from parsl.executors import HighThroughputExecutor
+def _htex_tiles(site: Site, node: Node, provider, block: Block, robust: dict):
+    from parsl_aurora.executors import HighThroughputExecutor
 
     affinity = ("none" if site.cores_per_worker is None
                 else topology.cpu_affinity(node, site.cores_per_worker))
     return HighThroughputExecutor(
-        label=label,
-        # One worker per GPU tile; Parsl sets ZE_AFFINITY_MASK to the tile name for each.
-        available_accelerators=topology.tile_names(node),
+        label="htex_tiles",
+        # One worker per GPU tile; Parsl sets ZE_AFFINITY_MASK to the tile's name for each, in
+        # the form the block's ZE_FLAT_DEVICE_HIERARCHY reads.
+        available_accelerators=topology.tile_names(node, block.hierarchy),
         max_workers_per_node=node.tiles,
         # Parsl caps workers at CPUs / cores_per_worker; a node with fewer CPUs than tiles
         # (the fake on a laptop) still gets one worker per tile.
@@ -247,9 +387,40 @@ def _htex_tiles(site: Site, node: Node, provider, label: str, launch_cmd: str | 
         # Tasks wait in the interchange, not on a busy worker, so a new block can take them.
         prefetch_capacity=0,
         provider=provider,
-        launch_cmd=launch_cmd,
         **robust,
     )
+
+
+def _pbs_provider(site: Site, node: Node, *, account, queue, walltime, filesystems,
+                  scheduler_options, select_options, nodes_per_job, max_jobs, launcher,
+                  block: Block):
+    from parsl_aurora.provider import PBSProProvider
+
+    return PBSProProvider(
+        account=account,
+        queue=queue,
+        walltime=walltime,
+        scheduler_options=_scheduler_options(filesystems, scheduler_options),
+        worker_init=block.worker_init,
+        launcher=launcher,
+        select_options=select_options,
+        nodes_per_block=nodes_per_job,
+        min_blocks=0,
+        max_blocks=max_jobs,
+        cpus_per_node=(site.pals_node or node).cpus,
+        status_polling_interval=site.qstat_interval,
+        backoff=site.backoff,
+    )
+
+
+def _pbs_reachable(site: Site) -> None:
+    """Inside the image, PBS commands go through the bridge (PBS's setuid authentication helper
+    cannot work in an unprivileged container); refuse before submitting when it is not there."""
+    if not (site.real_pbs and in_image()):
+        return
+    from parsl_aurora import bridge
+
+    bridge.use_from_image()
 
 
 def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
@@ -258,38 +429,33 @@ def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
               select_options: str = "", scheduler_options: str = "",
               run_dir: str = "runinfo", container: str | None = None,
               binds: tuple[str, ...] = (), drain_margin: str | None = None,
-              encrypted: bool = True, resume: bool = False, monitoring: bool = False):
+              encrypted: bool = True, resume: bool = False, monitoring: bool = False,
+              interface: str | None = None, address: str | None = None,
+              hierarchy: str | None = None, activate: bool = True,
+              allow_unlisted_queue: bool = False):
     """Many PBS jobs, one worker pool per node, one worker per GPU tile."""
     check_account(account)
     drain = drain_period(walltime, drain_margin)
     _at_least("nodes_per_job", nodes_per_job)
     _at_least("max_jobs", max_jobs)
     _retries(retries)
-    check_queue(site, queue, nodes_per_job, walltime)
+    check_queue(site, queue, nodes_per_job, walltime, max_jobs,
+                _boolean("allow_unlisted_queue", allow_unlisted_queue))
     # Parsl is imported once the cheap checks pass: a refused request answers at once.
     from parsl.launchers import MpiExecLauncher
 
-    from parsl_aurora.provider import PBSProProvider
-
-    launch_cmd = _launch_cmd(site, container, binds, run_dir)
+    _pbs_reachable(site)
+    block = _block(site, node, "multi_job", worker_init=worker_init, run_dir=run_dir,
+                   container=container, binds=binds, interface=interface, address=address,
+                   hierarchy=hierarchy, activate=activate)
     _prepare(site, run_dir)
-    provider = PBSProProvider(
-        account=account,
-        queue=queue,
-        walltime=walltime,
-        scheduler_options=_scheduler_options(filesystems, scheduler_options),
-        worker_init=_worker_init(site, worker_init, container),
+    provider = _pbs_provider(
+        site, node, account=account, queue=queue, walltime=walltime, filesystems=filesystems,
+        scheduler_options=scheduler_options, select_options=select_options,
+        nodes_per_job=nodes_per_job, max_jobs=max_jobs, block=block,
         # PALS spells binding --cpu-bind (it rejects --bind-to); one pool per node.
-        launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1"),
-        select_options=select_options,
-        nodes_per_block=nodes_per_job,
-        min_blocks=0,
-        max_blocks=max_jobs,
-        cpus_per_node=node.cpus,
-        status_polling_interval=site.qstat_interval,
-    )
-    executor = _htex_tiles(site, node, provider, "htex_tiles", launch_cmd,
-                           _robust(site, drain, encrypted))
+        launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1"))
+    executor = _htex_tiles(site, node, provider, block, _robust(site, drain, encrypted, block))
     return _config(executor, retries=retries, run_dir=run_dir, resume=resume,
                    monitoring=monitoring)
 
@@ -301,7 +467,10 @@ def mpi_ensemble(site: Site, node: Node, *, account: str, nodes_per_task: int = 
                  scheduler_options: str = "", run_dir: str = "runinfo",
                  container: str | None = None, binds: tuple[str, ...] = (),
                  drain_margin: str | None = None, encrypted: bool = True,
-                 resume: bool = False, monitoring: bool = False):
+                 resume: bool = False, monitoring: bool = False,
+                 interface: str | None = None, address: str | None = None,
+                 hierarchy: str | None = None, activate: bool = True,
+                 allow_unlisted_queue: bool = False):
     """Ensembles of multi-node MPI tasks: each worker owns a slot of nodes_per_task nodes."""
     check_account(account)
     drain = drain_period(walltime, drain_margin)
@@ -321,37 +490,52 @@ def mpi_ensemble(site: Site, node: Node, *, account: str, nodes_per_task: int = 
                           f"use nodes_per_job={nodes_per_job // nodes_per_task * nodes_per_task}"
                           " so no node sits idle")
     _retries(retries)
-    check_queue(site, queue, nodes_per_job, walltime)
-    from parsl.executors import MPIExecutor
+    check_queue(site, queue, nodes_per_job, walltime, max_jobs,
+                _boolean("allow_unlisted_queue", allow_unlisted_queue))
     from parsl.launchers import SimpleLauncher
 
-    from parsl_aurora.provider import PBSProProvider
+    from parsl_aurora.executors import MPIExecutor
 
-    launch_cmd = _launch_cmd(site, container, binds, run_dir)
+    _pbs_reachable(site)
+    block = _block(site, node, "mpi_ensemble", worker_init=worker_init, run_dir=run_dir,
+                   container=container, binds=binds, interface=interface, address=address,
+                   hierarchy=hierarchy, activate=activate)
     _prepare(site, run_dir)
-    provider = PBSProProvider(
-        account=account,
-        queue=queue,
-        walltime=walltime,
-        scheduler_options=_scheduler_options(filesystems, scheduler_options),
-        worker_init=_worker_init(site, worker_init, container),
+    provider = _pbs_provider(
+        site, node, account=account, queue=queue, walltime=walltime, filesystems=filesystems,
+        scheduler_options=scheduler_options, select_options=select_options,
+        nodes_per_job=nodes_per_job, max_jobs=max_jobs, block=block,
         # One pool on the first node; each task's mpiexec spreads over its slot's nodes.
-        launcher=SimpleLauncher(),
-        select_options=select_options,
-        nodes_per_block=nodes_per_job,
-        max_blocks=max_jobs,
-        cpus_per_node=node.cpus,
-        status_polling_interval=site.qstat_interval,
-    )
+        launcher=SimpleLauncher())
     executor = MPIExecutor(
         label="mpi_tasks",
         max_workers_per_block=nodes_per_job // nodes_per_task,
         provider=provider,
-        launch_cmd=launch_cmd,
-        **_robust(site, drain, encrypted),
+        **_robust(site, drain, encrypted, block),
     )
     return _config(executor, retries=retries, run_dir=run_dir, resume=resume,
                    monitoring=monitoring)
+
+
+def build(mode: str, site: Site, node: Node, **kwargs):
+    """The config for `mode` at `site` on `node`, after checking the option names, so that a
+    typo or a missing account is the usual one-line error, not a TypeError."""
+    import inspect
+
+    if mode not in MODES:
+        raise ConfigError("mode", mode, MODES, "pass mode= or set PARSL_MODE to a known mode")
+    make = globals()[mode]
+    params = {n: p for n, p in inspect.signature(make).parameters.items()
+              if p.kind == p.KEYWORD_ONLY}
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise ConfigError("option", unknown[0], sorted(params),
+                          f"{site.name}.{mode} does not take {unknown[0]!r}; use one of the above")
+    for name, p in params.items():
+        if p.default is p.empty and name not in kwargs:
+            raise ConfigError(name, None, f"a value ({site.name}.{mode} requires it)",
+                              f"pass {name}=... or set PARSL_{name.upper()}")
+    return make(site, node, **kwargs)
 
 
 def read_nodefile(nodefile: str | os.PathLike | None) -> list[str]:
@@ -382,28 +566,31 @@ def read_nodefile(nodefile: str | os.PathLike | None) -> list[str]:
 def in_job(site: Site, node: Node, *, nodefile: str | None = None, worker_init: str = "",
            retries: int = 1, run_dir: str = "runinfo", container: str | None = None,
            binds: tuple[str, ...] = (), encrypted: bool = True, resume: bool = False,
-           monitoring: bool = False):
+           monitoring: bool = False, interface: str | None = None,
+           address: str | None = None, hierarchy: str | None = None, activate: bool = True):
     """Everything inside one PBS job: one worker pool per node of the job, started by mpiexec."""
     hosts = read_nodefile(nodefile)
     _retries(retries)
     from parsl.launchers import MpiExecLauncher
     from parsl.providers import LocalProvider
 
-    launch_cmd = _launch_cmd(site, container, binds, run_dir)
-    _prepare(site, run_dir)
-    init = _worker_init(site, worker_init, container)
     if nodefile:
         # MpiExecLauncher reads $PBS_NODEFILE in the block's script; point it at our file.
-        init = "\n".join(s for s in (f"export PBS_NODEFILE={Path(nodefile).resolve()}", init) if s)
+        worker_init = "\n".join(s for s in (
+            f"export PBS_NODEFILE={shlex.quote(str(Path(nodefile).resolve()))}", worker_init)
+            if s)
+    block = _block(site, node, "in_job", worker_init=worker_init, run_dir=run_dir,
+                   container=container, binds=binds, interface=interface, address=address,
+                   hierarchy=hierarchy, activate=activate)
+    _prepare(site, run_dir)
     provider = LocalProvider(
         nodes_per_block=len(set(hosts)),
         launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1"),
         init_blocks=1,
         max_blocks=1,
-        worker_init=init,
+        worker_init=block.worker_init,
     )
     # No drain: the job's walltime belongs to the script that started this driver.
-    executor = _htex_tiles(site, node, provider, "htex_tiles", launch_cmd,
-                           _robust(site, None, encrypted))
+    executor = _htex_tiles(site, node, provider, block, _robust(site, None, encrypted, block))
     return _config(executor, retries=retries, run_dir=run_dir, resume=resume,
                    monitoring=monitoring)

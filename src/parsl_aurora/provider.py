@@ -1,19 +1,159 @@
-"""Parsl's PBSProProvider with the qstat interval as a parameter (2025.1.13 fixes it at 60 s).
+"""Parsl's PBSProProvider, patient with a shared PBS server: a refused or failing command is
+"not now", asked again later with backoff, never a storm and never the end of a workflow.
 
-A job that ends at walltime simply drops out of `qstat`; the sooner Parsl looks, the sooner it
-submits the next job for the tasks still waiting.
+Parsl 2025.1.13 retries a refused `qsub` on every strategy tick, turns a `qstat` that cannot
+reach the server (exit 255, JSON header without jobs) into "every job completed", and retries a
+`qstat` whose output is not JSON on every tick. Here: a refused submission holds further ones
+off (doubling from `backoff[0]` to `backoff[1]` seconds); a failed `qstat` keeps the last known
+states (as Parsl's open PR #3855 does) and stretches the polling interval the same way; a
+refusal that cannot change (unknown queue, no qsub, root) is recorded as `fatal` for the error
+handler (parsl_aurora.executors) to report in one line. docs/reliability.md has the behaviour.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import subprocess
+import time
+from pathlib import Path
+
+from parsl.jobs.states import JobState, JobStatus
 from parsl.providers import PBSProProvider as _ParslPBSProProvider
+from parsl.providers.torque.torque import translate_table
+
+logger = logging.getLogger(__name__)
+
+# qsub exit codes that no retry can change, with what to do about each. 126/127 come from the
+# shell Parsl runs qsub in; the others are PBS's (../shared/reference/openpbs.md).
+PERMANENT = {
+    2: "fix the qsub options (scheduler_options, select_options)",
+    126: "qsub is not executable here",
+    127: "run the driver where qsub is on PATH (an Aurora login node), or inside the image "
+         "through `parsl-aurora pbs-bridge -- apptainer exec aurora.sif python workflow.py`",
+    166: "fix the resource request (select_options, scheduler_options)",
+    170: "pick a queue PBS has (`qstat -Q` lists them)",
+    175: "submit as your own user, not root",
+    188: "ask for a walltime and node count the queue allows",
+}
+# States a finished job can be in (`qstat -x`), and exit statuses that mean PBS or Parsl ended
+# it: walltime (-29), qdel (271: SIGTERM, 265: SIGKILL).
+ENDED_BY_PBS = (-29, 265, 271)
+STATES = {**translate_table, "F": JobState.COMPLETED}
+
+
+def backoff_delay(failures: int, first: float, cap: float) -> float:
+    """Seconds to wait after `failures` failures in a row: first, 2*first, ... up to cap."""
+    return 0.0 if failures <= 0 else min(cap, first * 2 ** (failures - 1))
+
+
+def first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def parse_qstat(stdout: str, rc: int) -> dict[str, dict] | None:
+    """Jobs from `qstat -x -f -F json`, or None when qstat failed (keep the last states).
+
+    Exit 0 lists every job asked for; 153 means some ids are unknown (long purged from the
+    history: gone). Any other exit (255: cannot reach or authenticate to the server, with the
+    JSON header and no jobs) or a stdout that is not PBS's JSON is a failure, not an answer.
+    """
+    if rc not in (0, 153):
+        return None
+    try:
+        doc = json.loads(stdout)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or "pbs_server" not in doc:
+        return None
+    return doc.get("Jobs", {})
 
 
 class PBSProProvider(_ParslPBSProProvider):
-    def __init__(self, *, status_polling_interval: int = 60, **kwargs):
+    def __init__(self, *, status_polling_interval: float = 60,
+                 backoff: tuple[float, float] = (2.0, 60.0), **kwargs):
         super().__init__(**kwargs)
-        self._status_polling_interval = status_polling_interval
+        self._interval = status_polling_interval
+        self.backoff = backoff
+        self._submit_failures = 0
+        self._hold_until = 0.0
+        self._qstat_failures = 0
+        self.last_refusal = ""  # qsub's stderr, the last time it refused
+        self.fatal = ""  # a refusal no retry can change, in one line with its fix
+        self.run_tag = ""  # set by the executor: job names then show which run they belong to
 
+    # ------------------------------------------------------------ qsub
+    def holding_off(self) -> bool:
+        """True while a refused submission's backoff lasts: the executor asks for no block."""
+        return time.monotonic() < self._hold_until
+
+    def submit(self, command, tasks_per_node, job_name="parsl"):
+        if self.run_tag:  # qstat -u $USER shows the run in the name's first characters
+            job_name = f"{self.run_tag}.{job_name.rsplit('block-', 1)[-1]}"
+        self._last = (0, "", "")
+        try:
+            job_id = super().submit(command, tasks_per_node, job_name)
+        except (OSError, subprocess.SubprocessError) as e:  # a hung qsub (cmd_timeout): not now
+            self._last = (-1, "", f"{type(e).__name__}: {e}")
+            job_id = None
+        if job_id:
+            self._submit_failures = 0
+            self._record(job_id, job_name)
+            return job_id
+        rc, out, err = self._last
+        self.last_refusal = first_line(err) or first_line(out) or f"exit status {rc}"
+        if rc in PERMANENT:
+            self.fatal = (f"PBS will not take this workflow's jobs: `{self.last_refusal}` "
+                          f"(qsub exit {rc}). Fix: {PERMANENT[rc]}")
+        self._submit_failures += 1
+        delay = backoff_delay(self._submit_failures, *self.backoff)
+        self._hold_until = time.monotonic() + delay
+        logger.warning("qsub refused a block (%s); asking again in %.0f s", self.last_refusal,
+                       delay)
+        return None
+
+    def _record(self, job_id: str, job_name: str) -> None:
+        """One line per submitted job in <run_dir>/pbs_jobs.txt, for `parsl-aurora status`."""
+        if self.script_dir:
+            with open(Path(self.script_dir).parent / "pbs_jobs.txt", "a") as f:
+                f.write(f"{job_id}\t{job_name}\t{time.time():.0f}\n")
+
+    def execute_wait(self, cmd, timeout=None):
+        self._last = super().execute_wait(cmd, timeout)
+        return self._last
+
+    # ------------------------------------------------------------ qstat
     @property
-    def status_polling_interval(self) -> int:
-        return self._status_polling_interval
+    def status_polling_interval(self) -> float:
+        cap = max(self.backoff[1], self._interval)
+        return max(self._interval, backoff_delay(self._qstat_failures, self._interval, cap))
+
+    def _status(self):
+        ids = list(self.resources)
+        try:
+            rc, out, err = self.execute_wait("qstat -x -f -F json " + " ".join(ids))
+        except (OSError, subprocess.SubprocessError) as e:  # a hung qstat: keep what we knew
+            rc, out, err = -1, "", f"{type(e).__name__}: {e}"
+        jobs = parse_qstat(out, rc)
+        if jobs is None:
+            self._qstat_failures += 1
+            logger.warning("qstat failed (exit %s: %s); keeping the last known job states, "
+                           "next try in %.0f s", rc, first_line(err) or first_line(out)[:80],
+                           self.status_polling_interval)
+            return
+        self._qstat_failures = 0
+        for job_id in ids:
+            # qstat may print an id shortened; PBS's own ids start with the same sequence number.
+            job = jobs.get(job_id) or next((j for k, j in jobs.items() if job_id.startswith(k)),
+                                           None)
+            paths = {"stdout_path": self.resources[job_id]["job_stdout_path"],
+                     "stderr_path": self.resources[job_id]["job_stderr_path"]}
+            if job is None:  # gone from the history: it ended
+                self.resources[job_id]["status"] = JobStatus(JobState.COMPLETED, **paths)
+                continue
+            code = job.get("Exit_status")
+            state = STATES.get(job.get("job_state"), JobState.UNKNOWN)
+            self.resources[job_id]["status"] = JobStatus(
+                state, message=job.get("comment"),
+                exit_code=code if code is not None and code not in ENDED_BY_PBS else None,
+                **paths)

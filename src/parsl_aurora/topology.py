@@ -74,8 +74,19 @@ def local(gpus: int = 0, tiles_per_gpu: int = 1) -> Node:
     return Node(sockets, cores_per_socket, threads, gpus, tiles_per_gpu)
 
 
-def tile_names(node: Node) -> list[str]:
-    """Accelerator names in COMPOSITE form, `gpu.tile`: 0.0, 0.1, 1.0, ... ."""
+def check_hierarchy(hierarchy: object) -> str:
+    if hierarchy not in HIERARCHIES:
+        raise ConfigError("hierarchy", hierarchy, HIERARCHIES,
+                          "pass hierarchy='COMPOSITE' (Aurora's default) or 'FLAT' (the "
+                          "frameworks module's), or set ZE_FLAT_DEVICE_HIERARCHY")
+    return hierarchy
+
+
+def tile_names(node: Node, hierarchy: str = "COMPOSITE") -> list[str]:
+    """The ZE_AFFINITY_MASK of each tile: `gpu.tile` (0.0, 0.1, 1.0, ...) under COMPOSITE,
+    flat device indices (0, 1, ..., tiles-1) under FLAT, where each tile is its own device."""
+    if check_hierarchy(hierarchy) == "FLAT":
+        return [str(i) for i in range(node.tiles)]
     return [f"{g}.{t}" for g in range(node.gpus) for t in range(node.tiles_per_gpu)]
 
 
@@ -147,9 +158,7 @@ def ze_affinity_mask(node: Node, local_rank: int, hierarchy: str = "COMPOSITE") 
 
     Ranks beyond the node's tiles wrap around, as ALCF's set_affinity_gpu_aurora.sh does.
     """
-    if hierarchy not in HIERARCHIES:
-        raise ConfigError("hierarchy", hierarchy, HIERARCHIES,
-                          "set ZE_FLAT_DEVICE_HIERARCHY to COMPOSITE or FLAT")
+    check_hierarchy(hierarchy)
     if local_rank < 0:
         raise ConfigError("local_rank", local_rank, "an integer >= 0", "pass PALS_LOCAL_RANKID")
     if hierarchy == "FLAT":

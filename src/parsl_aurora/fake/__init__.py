@@ -10,7 +10,8 @@ import shutil
 import sys
 from pathlib import Path
 
-SERVER = "aurora-pbs-fake"
+# Aurora's management domain: node names in $PBS_NODEFILE carry it (exec_host does not).
+NODE_SUFFIX = "hostmgmt2102.cm.aurora.alcf.anl.gov"
 
 
 def bin_dir() -> Path:
@@ -23,12 +24,9 @@ def host_names(n: int) -> list[str]:
     return [f"x4102c0s{i}b0n0" for i in range(n)]
 
 
-def state_dir() -> Path:
-    """Where the fake PBS keeps its jobs: $PARSL_AURORA_FAKE_DIR, else one folder per user."""
-    d = os.environ.get("PARSL_AURORA_FAKE_DIR") or f"/tmp/parsl-aurora-fake-{os.getuid()}"
-    path = Path(d).resolve()
-    (path / "jobs").mkdir(parents=True, exist_ok=True)
-    return path
+def nodefile_lines(n: int) -> str:
+    """A $PBS_NODEFILE for n fake nodes, one fully qualified name per line, as PBS writes it."""
+    return "".join(f"{h}.{NODE_SUFFIX}\n" for h in host_names(n))
 
 
 def hydra() -> str:

@@ -1,4 +1,5 @@
-"""Fake PALS `mpiexec`: Aurora's options, run by MPICH's hydra so MPI ranks really talk.
+"""Fake PALS `mpiexec`: Aurora's options, run by MPICH's hydra so MPI ranks really talk
+(where hydra is missing, as inside the image, ranks start directly, without PMI).
 
 Each rank gets PALS's and PMI's variables and its fake node's name in PARSL_AURORA_HOST. CPU
 binding rule: the Aurora logical CPUs PALS would give a rank (list: its entry, round-robin by
@@ -175,18 +176,56 @@ def hydra_command(req: Request, hydra_path: str, host_cpus: list[int]) -> list[s
     return cmd + [str(bin_dir() / "fake-rank"), *req.command]
 
 
+def rank_environments(req: Request, host_cpus: list[int]) -> list[tuple[dict[str, str], str]]:
+    """(variables, CPU set) for each rank, as PALS gives them, for a launch without hydra."""
+    sets = host_cpu_sets(req, host_cpus)
+    out = []
+    for rank in range(req.ranks):
+        node, local = divmod(rank, req.ppn)
+        local_size = min(req.ppn, req.ranks - node * req.ppn)
+        env = {**req.env, "PALS_RANKID": str(rank), "PALS_NODEID": str(node),
+               "PALS_LOCAL_RANKID": str(local), "PALS_LOCAL_SIZE": str(local_size),
+               "PMI_RANK": str(rank), "PMI_SIZE": str(req.ranks),
+               "PMI_LOCAL_RANK": str(local), "PMI_LOCAL_SIZE": str(local_size),
+               "PARSL_AURORA_HOST": req.hosts[node]}
+        out.append((env, sets[local % len(sets)] if sets else ""))
+    return out
+
+
+def launch_directly(req: Request, host_cpus: list[int]) -> int:
+    """Start every rank as a child process, without PMI: enough for programs that do not call
+    MPI (Parsl's worker pool), where hydra is missing (inside the image). Exit status: the
+    first non-zero one of the ranks', as PALS reports."""
+    import signal
+    import subprocess
+
+    procs = []
+    for env, cpus in rank_environments(req, host_cpus):
+        command = ["taskset", "-c", cpus, *req.command] if cpus else req.command
+        procs.append(subprocess.Popen(command, env={**os.environ, **env}))
+
+    def forward(sig, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    codes = [p.wait() for p in procs]
+    return next((c if c > 0 else 128 - c for c in codes if c), 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    host_cpus = sorted(os.sched_getaffinity(0))
     try:
         req = parse(argv, dict(os.environ))
-        cmd = hydra_command(req, hydra(), sorted(os.sched_getaffinity(0)))
+        cmd = hydra_command(req, hydra(), host_cpus)
     except UsageError as e:
         print(e, file=sys.stderr)
         return 1
     if not cmd[0]:
-        print("mpiexec: MPICH's mpiexec.hydra not found; install the `mpich` wheel",
-              file=sys.stderr)
-        return 127
+        return launch_directly(req, host_cpus)
     os.execv(cmd[0], cmd)
 
 

@@ -1,0 +1,84 @@
+"""Parsl's executors with two changes to how blocks are asked for and given up on.
+
+- No block is asked for while the provider holds off after a refused `qsub` (its backoff), so a
+  refusing PBS sees a request every few seconds to a minute, not one per strategy tick.
+- `GiveUp`, the block error handler, ends a workflow only for a refusal no retry can change, or
+  when the last `threshold` accepted blocks all ended before any of their workers connected; a
+  refused submission never counts. The error names the cause in one line: qsub's stderr, or the
+  last such block's stderr.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from parsl.executors import HighThroughputExecutor as _HTEX
+from parsl.executors import MPIExecutor as _MPIExecutor
+from parsl.jobs.states import JobState
+
+from parsl_aurora.errors import SchedulerError
+
+
+class _Patient:
+    """Mixin for a block-based Parsl executor whose provider may ask to be left alone."""
+
+    def start(self):
+        # Job names then begin with this run's tag (`qstat -u $USER` shows which run is which).
+        if hasattr(self.provider, "run_tag"):
+            self.provider.run_tag = "pa" + secrets.token_hex(3)
+        return super().start()
+
+    def scale_out_facade(self, n: int):
+        holding_off = getattr(self.provider, "holding_off", None)
+        if holding_off is not None and holding_off():
+            return []
+        return super().scale_out_facade(n)
+
+
+class HighThroughputExecutor(_Patient, _HTEX):
+    pass
+
+
+class MPIExecutor(_Patient, _MPIExecutor):
+    pass
+
+
+def last_line(path: str | None) -> str:
+    """The last non-empty line of a block's output file (PBS delivers it when the job ends)."""
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines() if path else []
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")
+
+
+class GiveUp:
+    """block_error_handler: see the module's docstring.
+
+    Parsl's HighThroughputExecutor already marks a block MISSING when its job ended and none of
+    its workers ever connected; only blocks PBS accepted (those with a job id) are judged.
+    """
+
+    def __init__(self, threshold: int = 3):
+        self.threshold = threshold
+
+    def __call__(self, executor, status) -> None:
+        fatal = getattr(executor.provider, "fatal", "")
+        if fatal:
+            executor.set_bad_state_and_fail_all(SchedulerError(fatal))
+            return
+        accepted = sorted((b for b in status if b in executor.blocks_to_job_id), key=int)
+        window = accepted[-self.threshold:]
+        if len(window) < self.threshold or any(status[b].state != JobState.MISSING
+                                                for b in window):
+            return
+        last = status[window[-1]]
+        # Parsl's worker pool says why it gave up on stdout; shells and Python on stderr.
+        why = (last_line(last.stderr_path) or last_line(last.stdout_path)
+               or (f"exit status {last.exit_code}" if last.exit_code is not None else "no output"))
+        executor.set_bad_state_and_fail_all(SchedulerError(
+            f"{self.threshold} blocks in a row ended before any of their workers connected; "
+            f"the last one said: `{why}` ({last.stderr_path}). Fix: make the block's "
+            "environment start Parsl's worker pool (worker_init, the image, the network "
+            "interface)"))

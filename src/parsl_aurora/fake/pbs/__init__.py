@@ -1,0 +1,58 @@
+"""Fake PBS Pro: `qsub`, `qstat` and `qdel` over one JSON file per job in $PARSL_AURORA_FAKE_DIR.
+
+Held to a real OpenPBS server by tests/test_pbs_conformance.py; what it does and where it
+deliberately differs: docs/fake-cluster.md. Modules by role: `cli` (command lines and `main`),
+`store` (the server: queues, job state files, submission), `supervisor` (running one job),
+`render` (what `qstat` prints).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The server as Aurora's clients see it (and as ../shared/tools/install-openpbs.sh names its
+# look-alike): job ids are <seq>.<SERVER>, nodes x4102c0s<i>b0n0 in NODE_DOMAIN.
+SERVER = "aurora-pbs-0001.hostmgmt.cm.aurora.alcf.anl.gov"
+NODE_DOMAIN = "hostmgmt2102.cm.aurora.alcf.anl.gov"
+PBS_VERSION = "23.06.06"
+CPUS_PER_NODE = 208  # an Aurora node's logical CPUs
+DEFAULT_QUEUE = "workq"
+
+# Exit_status of a job ended by walltime (JOB_EXEC_KILL_WALLTIME), and by qdel (PBS reports a job
+# killed by signal N as 256 + N; qdel sends SIGTERM).
+EXIT_WALLTIME = -29
+EXIT_DELETED = 271
+# Exit codes of the commands, as OpenPBS 23.06 returns them.
+RC_FINISHED = 35         # qstat/qdel of a finished job
+RC_ILLEGAL = 166         # qsub with a malformed resource value
+RC_PER_USER_LIMIT = 38   # qsub over a queue's per-user limit
+RC_UNKNOWN_JOB = 153
+RC_UNKNOWN_QUEUE = 170
+RC_OVER_LIMITS = 188     # qsub asking for more than the queue allows (walltime)
+
+
+@dataclass(frozen=True)
+class ServerQueue:
+    """One queue of the fake server: what qsub checks at submission (None: no limit)."""
+
+    max_walltime: int | None = None   # seconds (qmgr resources_max.walltime)
+    max_user_queued: int | None = None  # queued-or-running jobs per user (max_queued [u:...])
+
+
+# The queues of ../shared/tools/install-openpbs.sh's look-alike, which copy Aurora's limits;
+# `capacity` is Aurora's too, though the look-alike does not create it.
+QUEUES = {
+    "workq": ServerQueue(),
+    "debug": ServerQueue(max_walltime=3600, max_user_queued=1),
+    "debug-scaling": ServerQueue(max_walltime=3600, max_user_queued=1),
+    "prod": ServerQueue(max_walltime=24 * 3600),
+    "capacity": ServerQueue(max_walltime=168 * 3600, max_user_queued=5),
+}
+
+
+class PBSError(Exception):
+    """A refusal, printed on stderr as PBS prints it; `code` is the command's exit status."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,5 @@
+import sys
+
+from parsl_aurora.fake.pbs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,91 @@
+"""What the fake's `qstat` prints: PBS's JSON document and its default table (pure functions)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from parsl_aurora.fake.pbs import PBS_VERSION, SERVER
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def as_pbs(job: dict, now: float) -> dict:
+    """One job in the shape of `qstat -f -F json`: which keys appear depends on the state."""
+    ncpus = job["ncpus"]
+    env = job["env"]
+    out: dict = {
+        "Job_Name": job["name"], "Job_Owner": f"{job['owner']}@{SERVER}",
+        "job_state": job["state"], "queue": job["queue"], "server": SERVER,
+    }
+    if job["account"]:
+        out["Account_Name"] = job["account"]
+    out.update({
+        "Checkpoint": "u", "ctime": time.ctime(job["ctime"]),
+        "Error_Path": f"{SERVER}:{job['stderr']}", "Hold_Types": "n",
+        "Join_Path": job["join"], "Keep_Files": "n", "Mail_Points": "a",
+        "mtime": time.ctime(job["mtime"]), "Output_Path": f"{SERVER}:{job['stdout']}",
+        "Priority": 0, "qtime": time.ctime(job["ctime"]), "Rerunable": "True",
+        "Resource_List": {**job["resources"], "ncpus": ncpus * job["nodes"],
+                          "nodect": job["nodes"],
+                          "place": job["resources"].get("place", "free"),
+                          "select": job["select"], "walltime": _hms(job["seconds"])},
+    })
+    if job["stime"]:
+        out["stime"] = time.ctime(job["stime"])
+        out["exec_host"] = "+".join(f"{h}/0*{ncpus}" for h in job["hosts"])
+        out["exec_vnode"] = "+".join(f"({h}:ncpus={ncpus})" for h in job["hosts"])
+        out["resources_used"] = {"ncpus": ncpus * job["nodes"],
+                                 "walltime": _hms((job["etime"] or now) - job["stime"])}
+        out["session_id"] = job.get("pid", 0)
+        out["jobdir"] = env.get("HOME", "/")
+    if job["state"] == "F":
+        out["obittime"] = time.ctime(job["etime"])
+    out["substate"] = job["substate"]
+    out["Variable_List"] = {k: v for k, v in env.items() if k.startswith("PBS_O_")} | {
+        "PBS_O_WORKDIR": job["workdir"], "PBS_O_SYSTEM": "Linux", "PBS_O_QUEUE": job["queue"],
+        "PBS_O_HOST": SERVER}
+    if job["comment"]:
+        out["comment"] = job["comment"]
+    out["etime"] = time.ctime(job["ctime"])
+    if job["stime"]:
+        out["run_count"] = 1
+    if job["exit_status"] is not None and job["state"] in ("E", "F"):
+        out["Exit_status"] = job["exit_status"]
+    out["Submit_arguments"] = job["submit_args"]
+    out["project"] = "_pbs_project_default"
+    out["Submit_Host"] = SERVER
+    return out
+
+
+def document(jobs: list[dict], now: float | None = None) -> str:
+    """`qstat -f -F json`: tab-indented, `":\\t"` separators, no "Jobs" key when none is left."""
+    now = time.time() if now is None else now
+    doc: dict = {"timestamp": int(now), "pbs_version": PBS_VERSION, "pbs_server": SERVER}
+    if jobs:
+        doc["Jobs"] = {j["id"]: as_pbs(j, now) for j in jobs}
+    return json.dumps(doc, indent="\t", separators=(",", ":\t")) + "\n"
+
+
+def short_id(job_id: str) -> str:
+    """The id as the default table shows it: server name cut to its first label, 17 wide."""
+    seq, _, server = job_id.partition(".")
+    text = f"{seq}.{server.split('.')[0]}"
+    return text if len(text) <= 17 else text[:16] + "*"
+
+
+def table(jobs: list[dict], now: float | None = None) -> str:
+    """`qstat`'s default listing."""
+    if not jobs:
+        return ""
+    now = time.time() if now is None else now
+    lines = ["Job id            Name             User              Time Use S Queue",
+             "----------------  ---------------- ----------------  -------- - -----"]
+    for j in jobs:
+        used = _hms((j["etime"] or now) - j["stime"]) if j["stime"] else "0"
+        lines.append(f"{short_id(j['id']):<17} {j['name'][:16]:<16} {j['owner'][:16]:<16}  "
+                     f"{used:>8} {j['state']} {j['queue']:<15}")
+    return "\n".join(lines) + "\n"

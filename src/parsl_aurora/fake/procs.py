@@ -1,0 +1,50 @@
+"""One scanner of /proc for the fake and the tests: who runs, under whom, where, doing what."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    ppid: int
+    state: str  # "Z" for a zombie
+    cmdline: str
+    cwd: str  # "" where it cannot be read (another user's process)
+
+
+def processes() -> Iterator[Proc]:
+    """Every process visible now; those that vanish while being read are left out."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace").strip()
+        except OSError:
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            cwd = ""
+        fields = stat[stat.rindex(")") + 2:].split()
+        yield Proc(int(entry), int(fields[1]), fields[0], cmd, cwd)
+
+
+def descendants(root: int) -> list[int]:
+    """Live (non-zombie) processes below `root`."""
+    children: dict[int, list[int]] = {}
+    for p in processes():
+        if p.state != "Z":
+            children.setdefault(p.ppid, []).append(p.pid)
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
