@@ -10,7 +10,7 @@ import concurrent.futures
 import os
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 from parsl_aurora.errors import ConfigError
 
@@ -100,7 +100,7 @@ def every_s() -> float:
 
 
 # ---------------------------------------------------------------- waiting
-def wait(futures: Sequence[concurrent.futures.Future], label: str = "tasks", *,
+def wait(futures: Iterable[concurrent.futures.Future], label: str = "tasks", *,
          every: float | None = None, file=None) -> list:
     """Every future's result, in order, once all have finished (the first failure raised).
 
