@@ -11,6 +11,7 @@ import parsl
 from parsl import bash_app
 
 import site_configs
+from parsl_aurora import progress
 from parsl_aurora.errors import run_main
 
 # 12 ranks per node, one per tile; set_affinity_gpu_aurora.sh turns the local rank into a tile.
@@ -37,7 +38,8 @@ def main(tasks: int = 10) -> int:
                                               stdout=str(out / str(i) / "hello.stdout"),
                                               stderr=str(out / str(i) / "hello.stderr")))
         print(f"{len(futures)} tasks of {SPEC['num_ranks']} ranks on {SPEC['num_nodes']} nodes")
-        codes = [f.result() for f in futures]
+        # A bar on a terminal, a line every $PARSL_AURORA_PROGRESS_EVERY s in a log.
+        codes = progress.wait(futures, "MPI tasks")
     for i in range(tasks):
         lines = (out / str(i) / "hello.stdout").read_text().splitlines()
         hosts = {w.split("=", 1)[1] for line in lines for w in line.split() if w.startswith("host=")}

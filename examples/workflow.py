@@ -12,6 +12,7 @@ import parsl
 from parsl import bash_app, python_app
 
 import site_configs
+from parsl_aurora import progress
 from parsl_aurora.errors import run_main
 
 
@@ -54,15 +55,6 @@ def cpu_ranges(cpus: list[int]) -> str:
     return ranges(cpus) if cpus else "-"
 
 
-def wait(futures, label: str) -> list:
-    """Block on every future, with a progress bar when a terminal is attached."""
-    try:
-        from rich.progress import track
-    except ImportError:  # the bundle installs rich; plain output keeps bare venvs working
-        return [f.result() for f in futures]
-    return [f.result() for f in track(futures, description=label, transient=True)]
-
-
 def report(rows: list[dict]) -> None:
     try:
         from rich.console import Console
@@ -90,8 +82,10 @@ def main() -> int:
         rows = [where_am_i(i, str(meeting), 12) for i in range(12)]
         hellos = [hello_affinity(stdout=str(out / f"hello_{i}.stdout"),
                                  stderr=str(out / f"hello_{i}.stderr")) for i in range(12)]
-        rows = wait(rows, "python tasks")
-        codes = wait(hellos, "hello-affinity tasks")
+        # A bar on a terminal; in a log (nohup, PBS output) the run directory, then a line of
+        # tasks done/failed/pending and blocks running every $PARSL_AURORA_PROGRESS_EVERY s.
+        results = progress.wait(rows + hellos, "python and hello-affinity tasks")
+        rows, codes = results[:len(rows)], results[len(rows):]
     report(rows)
     tiles = {(r["node"], r["tile"]) for r in rows}
     nodes = {r["node"] for r in rows}

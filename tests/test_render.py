@@ -12,7 +12,7 @@ CASES = {
     "aurora_multi_job": ["aurora", "multi_job", "--set", "account=MyProj"],
     "aurora_mpi_ensemble": ["aurora", "mpi_ensemble", "--set", "account=MyProj",
                             "--set", "nodes_per_job=4", "--set", "walltime=1:00:00"],
-    "aurora_in_job": ["aurora", "in_job", "--set", "nodefile='NODEFILE'"],
+    "aurora_in_job": ["aurora", "in_job", "--set", "nodefile=NODEFILE"],
 }
 
 

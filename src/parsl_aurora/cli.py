@@ -6,27 +6,76 @@ Errors, usage mistakes included, print as one line and exit 2; --debug shows the
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 
 from parsl_aurora.errors import EXIT_STATUS, ConfigError, one_line, run_main
 
+# `--set` words for a bool option; anything else is refused rather than guessed.
+TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
-def _value(text: str):
-    """`--set` values: Python literals where they parse (2, True, 'x'), plain strings otherwise."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+
+def option_types(site: str, mode: str) -> dict[str, object]:
+    """Each keyword option of SITE's MODE with its annotated type (the site's own win)."""
+    import inspect
+
+    import parsl_aurora.modes as m
+    import site_configs
+
+    make = site_configs.factory(site, mode)  # checks both names first
+    types = {}
+    for f in (getattr(m, mode), make):
+        for name, p in inspect.signature(f, eval_str=True).parameters.items():
+            if p.kind == p.KEYWORD_ONLY:
+                types[name] = p.annotation
+    return types
+
+
+def parse_value(name: str, text: str, kind: object):
+    """A `--set` value read as the option's annotated type, never guessed from its look.
+
+    str stays text (account=12345 is a project name); int is read as one, or left as text for
+    the factory to refuse by name; bool takes true/false; a tuple is comma-separated
+    (binds=/a,/b); an optional value is None when written empty or as None.
+    """
+    import types
+    import typing
+
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
+        if text in ("", "None"):
+            return None
+        rest = [a for a in args if a is not type(None)]
+        kind = rest[0] if len(rest) == 1 else kind
+    if kind is str:
         return text
+    if kind is bool:
+        if text.lower() in TRUE + FALSE:
+            return text.lower() in TRUE
+        raise ConfigError(name, text, "true or false",
+                          f"write --set {name}=true or --set {name}=false")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            return text  # the factory's own check names what it expected
+    if typing.get_origin(kind) is tuple and typing.get_args(kind)[:1] == (str,):
+        return tuple(word.strip() for word in text.split(",") if word.strip())
+    raise ConfigError(name, text, "an option the command line can set (text, integers, "
+                      "true/false, comma-separated lists)",
+                      f"{name} is a {getattr(kind, '__name__', kind)}: pass it from Python, "
+                      f"e.g. site_configs.load({name}=...)")
 
 
-def _settings(pairs: list[str]) -> dict:
+def settings(pairs: list[str], site: str, mode: str) -> dict:
+    """`--set KEY=VALUE` pairs as keyword arguments for SITE's MODE factory."""
+    kinds = option_types(site, mode) if pairs else {}
     out = {}
     for pair in pairs:
         key, sep, val = pair.partition("=")
         if not sep or not key:
             raise ConfigError("--set", pair, "key=value", "write e.g. --set queue=debug")
-        out[key] = _value(val)
+        # An unknown key stays text: load() refuses it, listing the options there are.
+        out[key] = parse_value(key, val, kinds[key]) if key in kinds else val
     return out
 
 
@@ -34,11 +83,11 @@ def cmd_render(args) -> int:
     import site_configs
     from parsl_aurora.render import render
 
-    settings = _settings(args.set)
-    if "interface" not in settings and "address" not in settings:
+    given = settings(args.set, args.site, args.mode)
+    if "interface" not in given and "address" not in given:
         # A dry run works anywhere: the interface's address is only looked up where it runs.
-        settings["address"] = "<interchange-address>"
-    config = site_configs.load(args.site, args.mode, **settings)
+        given["address"] = "<interchange-address>"
+    config = site_configs.load(args.site, args.mode, **given)
     sys.stdout.write(render(config))
     return 0
 
@@ -100,7 +149,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("site", help="aurora or local")
     r.add_argument("mode", help="multi_job, mpi_ensemble or in_job")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a factory option, e.g. --set account=MyProj --set nodes_per_job=4")
+                   help="a factory option, read as the type the factory declares: e.g. "
+                        "--set account=12345 (text) --set nodes_per_job=4 --set monitoring=true "
+                        "--set binds=/opt/aurora,/scratch:/data (comma-separated)")
     r.set_defaults(func=cmd_render)
     pl = sub.add_parser(
         "pull", help="fetch a published image, keeping it only if signature and sha256 match",

@@ -41,6 +41,9 @@ LABEL_LOCK = "parsl-aurora.lock-sha256"
 LABEL_CREATED = "org.opencontainers.image.created"
 # OCI distribution spec: what a tag may look like.
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+# OCI distribution spec: a repository name, '/'-separated lowercase parts.
+_PART = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+REPO_RE = re.compile(rf"{_PART}(?:/{_PART})*")
 # Push/pull of ~60 MB on a login node; longer than this is a hung connection, not a slow one.
 TIMEOUT_S = 1800
 
@@ -59,14 +62,32 @@ class VerificationError(ImageError):
 
 # ---------------------------------------------------------------- pure: names
 def oras_ref(registry: str, tag: str) -> str:
-    """`oras://HOST[:PORT]/REPO:TAG` from REGISTRY (HOST/REPO, `oras://` optional) and TAG."""
+    """`oras://HOST[:PORT]/REPO:TAG` from REGISTRY (HOST/REPO, `oras://` optional) and TAG.
+
+    Checked the way apptainer (go-containerregistry) will read it, so that a mistake is named
+    here rather than coming back as a failure to reach Docker Hub.
+    """
     repo = registry.removeprefix("oras://").rstrip("/")
     if "/" not in repo or repo.startswith("/"):
         raise ConfigError("REGISTRY", registry, "HOST[:PORT]/REPO",
                           "name a repository too, e.g. 127.0.0.1:5000/parsl-aurora/aurora")
-    if ":" in repo.rsplit("/", 1)[1]:
+    host, path = repo.split("/", 1)
+    if ":" in path.rsplit("/", 1)[-1]:
         raise ConfigError("REGISTRY", registry, "HOST[:PORT]/REPO without a tag",
                           "give the tag separately: REGISTRY TAG")
+    if "." not in host and ":" not in host:
+        # go-containerregistry takes the first part for a host only if it holds a '.' or a
+        # ':'; otherwise the whole of it is a repository on Docker Hub (even `localhost`).
+        raise ConfigError("REGISTRY", registry, "HOST[:PORT]/REPO with a HOST that has a '.' "
+                          "or a :PORT (apptainer would read "
+                          f"{host!r} as part of a Docker Hub repository)",
+                          f"write the port ({host}:5000/{path}, or {host}:443/{path} for https) "
+                          f"or the host's full name; for Docker Hub write docker.io/{repo}")
+    if not REPO_RE.fullmatch(path) or len(path) < 2:
+        raise ConfigError("REGISTRY", registry, "a REPO of lowercase letters, digits and "
+                          "'.', '_', '-' between '/'-separated parts, at least 2 characters "
+                          "(apptainer cannot parse a shorter one)",
+                          f"rename the repository, e.g. {host}/parsl-aurora/aurora")
     check_tag(tag)
     return f"oras://{repo}:{tag}"
 
