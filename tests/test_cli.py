@@ -35,7 +35,7 @@ def test_set_account_of_digits_stays_a_project_name(tmp_path):
 
 def test_set_reads_integers_and_booleans_by_type(tmp_path):
     r = run(CLI, "render", "aurora", "multi_job", "--set", "account=P", "--set", "max_jobs=3",
-            "--set", "encrypted=false", cwd=tmp_path)
+            "--set", "queue=capacity", "--set", "encrypted=false", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     # encrypted=false: no CurveZMQ keys for the pools (a string 'false' would be truthy).
     assert "--cert_dir None" in r.stdout, r.stdout
@@ -46,8 +46,10 @@ def matching_image(tmp_path_factory) -> Path:
     """A 40 kB SIF whose labels say it holds this Parsl, so a config may run workers in it."""
     d = tmp_path_factory.mktemp("matching-image")
     (d / "hello.txt").write_text("hello\n")
+    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
     (d / "ok.def").write_text("Bootstrap: scratch\n%files\n    hello.txt /hello.txt\n%labels\n"
-                              f"    org.parsl-project.parsl.version {version('parsl')}\n")
+                              f"    org.parsl-project.parsl.version {version('parsl')}\n"
+                              f"    parsl-aurora.python {python}\n")
     subprocess.run([APPTAINER, "build", "--fakeroot", "ok.sif", "ok.def"], cwd=d, check=True,
                    capture_output=True, timeout=300)
     return d / "ok.sif"
@@ -63,8 +65,10 @@ def test_set_binds_one_path_or_comma_separated(tmp_path, matching_image, value, 
     r = run(CLI, "render", "local", "multi_job", "--set", "container=ok.sif",
             "--set", f"binds={value}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    expect = " ".join(f"--bind {b}" for b in [str(tmp_path / "runinfo"), *binds])
-    assert f"apptainer exec {expect} {tmp_path / 'ok.sif'} " in r.stdout, r.stdout
+    # The block binds, of these, what its compute node has.
+    words = next(line for line in r.stdout.splitlines() if line.startswith("for b in "))
+    assert words == f"for b in {tmp_path / 'runinfo'} {tmp_path} {' '.join(binds)}; do", words
+    assert f"apptainer exec {tmp_path / 'ok.sif'} " in r.stdout, r.stdout
 
 
 # ---------------------------------------------------------------- registry names

@@ -292,7 +292,7 @@ def test_built_image_is_not_group_or_world_writable(built_image):
     assert _mode(built_image) & 0o022 == 0, oct(_mode(built_image))
 
 
-@pytest.mark.registry
+@pytest.mark.needs("apptainer", "registry")
 @needs_tools
 def test_pulled_and_published_images_are_not_world_writable(request, tmp_path):
     """Under umask 000 apptainer pull leaves a 0777 file; publish kept any mode it found."""
