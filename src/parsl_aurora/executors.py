@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from pathlib import Path
 
 from parsl.executors import HighThroughputExecutor as _HTEX
@@ -60,8 +61,13 @@ class GiveUp:
     its workers ever connected; only blocks PBS accepted (those with a job id) are judged.
     """
 
+    # Seconds to wait for the last block's output files: PBS copies them back after the job
+    # has ended, and they say why the block failed.
+    DELIVERY = 30.0
+
     def __init__(self, threshold: int = 3):
         self.threshold = threshold
+        self._missing_since: dict[str, float] = {}
 
     def __call__(self, executor, status) -> None:
         fatal = getattr(executor.provider, "fatal", "")
@@ -74,6 +80,10 @@ class GiveUp:
                                                 for b in window):
             return
         last = status[window[-1]]
+        since = self._missing_since.setdefault(window[-1], time.monotonic())
+        delivered = any(p and Path(p).exists() for p in (last.stdout_path, last.stderr_path))
+        if not delivered and time.monotonic() - since < self.DELIVERY:
+            return  # ask again on the next poll, when PBS has delivered them
         # Parsl's worker pool says why it gave up on stdout; shells and Python on stderr.
         why = (last_line(last.stderr_path) or last_line(last.stdout_path)
                or (f"exit status {last.exit_code}" if last.exit_code is not None else "no output"))

@@ -22,7 +22,9 @@ from parsl.jobs.states import JobState, JobStatus
 from parsl.providers import PBSProProvider as _ParslPBSProProvider
 from parsl.providers.torque.torque import translate_table
 
-logger = logging.getLogger(__name__)
+# Under Parsl's logger, so these lines go to the run's parsl.log with Parsl's own, not to the
+# driver's stderr (where `progress` lines and one-line errors are the user's view).
+logger = logging.getLogger(f"parsl.{__name__}")
 
 # qsub exit codes that no retry can change, with what to do about each. 126/127 come from the
 # shell Parsl runs qsub in; the others are PBS's (../shared/reference/openpbs.md).

@@ -44,14 +44,19 @@ def hydra() -> str:
 
 
 def environment(run_dir: os.PathLike | str) -> dict[str, str]:
-    """Variables that make a workflow use the fake, with its job state and logs in run_dir."""
-    state = Path(run_dir).resolve()
+    """Variables that make a workflow use the fake: the fake cluster already chosen
+    ($PARSL_AURORA_FAKE_DIR), else one with its job state in run_dir."""
+    state = Path(os.environ.get("PARSL_AURORA_FAKE_DIR") or run_dir).resolve()
     # Parsl starts interchange.py from PATH, so this interpreter's scripts come right after the
-    # fake's commands (which must shadow the mpich wheel's own mpiexec there).
-    head = [str(bin_dir()), str(Path(sys.executable).parent)]
-    rest = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p not in head]
+    # fake's commands (which must shadow the mpich wheel's own mpiexec there). A PATH that
+    # already holds the fake's commands is kept as it is: whoever put them there chose what
+    # goes before them (the tests put commands that fail on purpose there).
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    if str(bin_dir()) not in path:
+        head = [str(bin_dir()), str(Path(sys.executable).parent)]
+        path = head + [p for p in path if p not in head]
     return {
-        "PATH": os.pathsep.join(head + rest),
+        "PATH": os.pathsep.join(path),
         "PARSL_AURORA_FAKE_DIR": str(state),
         "PARSL_AURORA_PYTHON": sys.executable,
         "PARSL_AURORA_HYDRA": hydra(),
