@@ -206,7 +206,7 @@ def test_a_job_of_ours_holding_the_debug_slot_only_delays_the_run(cluster, reque
 
 def test_a_queue_pbs_does_not_have_ends_the_run_in_one_line(cluster, request):
     d, proc = flow(cluster, request, 1, 0.1, queue="nosuchq", allow_unlisted_queue=True)
-    code, out, err = finish(proc)
+    code, _, err = finish(proc)
     assert code == 2 and len(err.strip().splitlines()) == 1, err[-2000:]
     assert "`qsub: Unknown queue` (qsub exit 170)" in err and "Fix: pick a queue" in err
     assert no_leftovers(d) == []
@@ -217,7 +217,7 @@ def test_blocks_that_cannot_start_workers_end_the_run_naming_why(cluster, reques
     environment: jobs start from a login environment) fails; three in a row end the run with
     the block's own complaint, not Parsl's "did not return a job ID"."""
     d, proc = flow(cluster, request, 1, 0.1, activate=False)
-    code, out, err = finish(proc)
+    code, _, err = finish(proc)
     assert code == 2 and len(err.strip().splitlines()) == 1, err[-2000:]
     assert "3 blocks in a row ended before any of their workers connected" in err
     assert "worker_pool_guard.sh: not found" in err or "command not found" in err, err
