@@ -8,6 +8,7 @@ on their PATH, which on Aurora is the system's.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
@@ -19,7 +20,11 @@ from site_configs.local import FAKE_STACK, _cores_per_worker, fake_node
 
 
 def site(n: Node) -> Site:
-    pals = {"PARSL_AURORA_PYTHON": sys.executable, "PARSL_AURORA_HYDRA": fake.hydra()}
+    # Where the fake PALS lives on the host: this environment's, unless the environment says
+    # otherwise (a driver inside the image names the host's, which it cannot see).
+    pals = {"PARSL_AURORA_PYTHON": os.environ.get("PARSL_AURORA_PYTHON") or sys.executable,
+            "PARSL_AURORA_HYDRA": os.environ.get("PARSL_AURORA_HYDRA") or fake.hydra()}
+    pals_bin = os.environ.get("PARSL_AURORA_PALS_BIN") or str(fake.bin_dir())
     return Site(
         name="pbs",
         node=n,
@@ -28,7 +33,7 @@ def site(n: Node) -> Site:
         # The look-alike's nodes are Aurora's to PBS (208 CPUs) and to the fake PALS.
         pals_node=AURORA,
         # PBS's per-job TMPDIR is too long for the pool's AF_UNIX sockets (Parsl #3947).
-        worker_init="\n".join(["export TMPDIR=/tmp", f"export PATH={shlex.quote(str(fake.bin_dir()))}:$PATH",
+        worker_init="\n".join(["export TMPDIR=/tmp", f"export PATH={shlex.quote(pals_bin)}:$PATH",
                                *(f"export {k}={shlex.quote(v)}" for k, v in pals.items())]),
         container_host=FAKE_STACK,
         interface="lo",

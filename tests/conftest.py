@@ -170,6 +170,23 @@ needs_apptainer = pytest.mark.needs("apptainer")
 
 
 @pytest.fixture(scope="session")
+def image_for_nobody(built_image) -> Path:
+    """A copy nobody can read: /root (where the checkout may live) is not traversable.
+
+    Not under pytest's tmp folders: pytest makes them private (0700) and may do so again.
+    """
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="parsl-aurora-nobody-", dir="/tmp"))
+    folder.chmod(0o755)
+    copy = folder / "aurora.sif"
+    shutil.copy(built_image, copy)
+    copy.chmod(0o755)
+    yield copy
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def built_image() -> Path:
     """aurora.sif at the repository root, built by the same command users run, or reused."""
     out = subprocess.run([sys.executable, "-m", "parsl_aurora.image", "build"], cwd=ROOT,

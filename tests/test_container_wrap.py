@@ -61,7 +61,7 @@ def test_literal_braces_in_paths_survive_both_formats():
 
 
 def test_aurora_block_setup_golden():
-    assert block_setup(AURORA_STACK, ["/home/u/run"]) == r"""PARSL_AURORA_BINDS=
+    assert block_setup(AURORA_STACK, ["/home/u/run"]) == r"""PARSL_AURORA_BINDS="${APPTAINER_BIND:-}"
 for b in /var/spool/pbs /var/run/palsd /opt/cray /opt/aurora /usr/lib64:/host/lib64 /home /lus/flare /flare /home/u/run; do
     [ -e "${b%%:*}" ] && PARSL_AURORA_BINDS="${PARSL_AURORA_BINDS:+$PARSL_AURORA_BINDS,}$b"
 done
@@ -88,10 +88,11 @@ def test_block_setup_binds_what_the_node_has(tmp_path):
     script = (block_setup(stack, [str(tmp_path / "run")]) + "\n" +
               'printf "%s\\n" "$APPTAINER_BIND" "$APPTAINERENV_PREPEND_PATH" '
               '"$APPTAINERENV_LD_LIBRARY_PATH" "$APPTAINERENV_ZE_FLAT_DEVICE_HIERARCHY"\n')
-    env = {"PATH": f"{pals}:/usr/bin:/bin", "LD_LIBRARY_PATH": "/opt/aurora/oneapi/lib"}
+    env = {"PATH": f"{pals}:/usr/bin:/bin", "LD_LIBRARY_PATH": "/opt/aurora/oneapi/lib",
+           "APPTAINER_BIND": "/scratch"}  # the user's own bind, kept
     out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
                          check=True).stdout.splitlines()
-    assert out == [f"{tmp_path}/opt/aurora,{tmp_path}/lib64:/host/lib64,{pals}", str(pals),
+    assert out == [f"/scratch,{tmp_path}/opt/aurora,{tmp_path}/lib64:/host/lib64,{pals}", str(pals),
                    "/opt/aurora/oneapi/lib:/host/lib64", "FLAT"]
 
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -124,23 +122,6 @@ def run(*cmd: str, user: str | None = None, **kw) -> subprocess.CompletedProcess
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, **kw)
 
 
-@pytest.fixture(scope="session")
-def image_for_nobody(built_image) -> Iterator[Path]:
-    """A copy nobody can read: /root (where the checkout may live) is not traversable.
-
-    Not under pytest's tmp folders: pytest makes them private (0700) and may do so again.
-    """
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="parsl-aurora-nobody-", dir="/tmp"))
-    folder.chmod(0o755)
-    copy = folder / "aurora.sif"
-    shutil.copy(built_image, copy)
-    copy.chmod(0o755)
-    yield copy
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 def labels(image: Path) -> dict[str, str]:
     out = run("apptainer", "inspect", "--json", "--labels", str(image))
     assert out.returncode == 0, out.stderr
@@ -215,74 +196,7 @@ def test_unprivileged_user_runs_the_image(image_for_nobody):
     assert uid != "0" and version == PARSL
 
 
-@needs_apptainer
-def test_check_image_parsl_accepts_the_built_image(built_image):
-    from parsl_aurora.container import check_image_parsl
-    check_image_parsl(str(built_image))  # the workflow's Parsl is the pinned one
-
-
-# ------------------------------------------------ workflows in the image, on the fake cluster
-@pytest.fixture(scope="session")
-def stage(image_for_nobody) -> Path:
-    """A folder anyone may use: the image, the examples, and MPICH's hydra.
-
-    Hydra is the fake's PALS: host software the image does not carry, bound in the way Aurora
-    binds its PALS (the stage sits under /tmp, which apptainer binds by default).
-    """
-    from parsl_aurora import fake
-
-    folder = image_for_nobody.parent
-    if not (folder / "examples").exists():
-        shutil.copytree(ROOT / "examples", folder / "examples")
-        (folder / "hydra").mkdir(mode=0o755)
-        for name in ("mpiexec.hydra", "hydra_pmi_proxy"):
-            shutil.copy(Path(fake.hydra()).parent / name, folder / "hydra" / name)
-        for p in [folder, *folder.rglob("*")]:
-            p.chmod(0o755)
-    return folder
-
-
-def in_image(stage: Path, script: str, mode: str, user: str | None = None):
-    """`apptainer exec aurora.sif python examples/SCRIPT` on the fake cluster, in a new folder."""
-    run_dir = stage / f"run-{mode}-{user or 'root'}"
-    run_dir.mkdir(mode=0o777)
-    run_dir.chmod(0o777)
-    env = {"PATH": os.environ["PATH"], "HOME": str(run_dir), "LANG": "C.UTF-8",
-           "PARSL_SITE": "local", "PARSL_MODE": mode,
-           "PARSL_AURORA_HYDRA": str(stage / "hydra" / "mpiexec.hydra")}
-    out = run("apptainer", "exec", str(stage / "aurora.sif"), "python",
-              str(stage / "examples" / script), user=user, cwd=run_dir, env=env)
-    return out, run_dir
-
-
-@needs_apptainer
-def test_workflow_runs_in_the_image_on_the_fake_cluster(stage):
-    out, run_dir = in_image(stage, "workflow.py", "multi_job")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "12 python tasks on 12 distinct tiles of 1 node(s)" in out.stdout
-    assert len(list((run_dir / "output").glob("hello_*.stdout"))) == 12
-
-
-@needs_apptainer
-def test_mpi_example_runs_in_the_image(stage):
-    out, run_dir = in_image(stage, "mpi_workflow.py", "mpi_ensemble")
-    assert out.returncode == 0, out.stderr[-3000:]
-    for i in range(10):
-        lines = (run_dir / "mpi_output" / str(i) / "hello.stdout").read_text().splitlines()
-        assert len(lines) == 24
-        assert len({x.split()[0] for x in lines}) == 2  # host=... : two fake nodes
-
-
-@pytest.mark.needs("apptainer", "fuse")
-def test_workflow_in_the_image_as_an_unprivileged_user(stage):
-    out, run_dir = in_image(stage, "workflow.py", "multi_job",
-                            user="nobody" if os.geteuid() == 0 else None)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "12 python tasks on 12 distinct tiles" in out.stdout
-    owners = {p.stat().st_uid for p in (run_dir / "output").glob("hello_*.stdout")}
-    assert 0 not in owners
-
-
+# ------------------------------------------------ workers in the image, on the fake cluster
 WORKERS_IN_IMAGE = """
 import os, sys
 import parsl
@@ -309,12 +223,15 @@ def test_container_option_puts_host_driven_workers_in_the_image(built_image, tmp
 
 @needs_apptainer
 def test_image_with_another_parsl_fails_at_once(built_image):
-    from parsl_aurora.container import check_image_parsl
-    from parsl_aurora.errors import ImageError
+    from parsl_aurora.container import image_versions, mismatch
 
-    with pytest.raises(ImageError, match="holds parsl 2025.1.13, but this workflow runs parsl "
-                                         "2024.12.2"):
-        check_image_parsl(str(built_image), expected="2024.12.2")
+    found = image_versions(str(built_image))
+    assert found == (PARSL, "3.11")
+    assert mismatch(str(built_image), found, (PARSL, "3.11")) is None
+    assert "holds parsl 2025.1.13, but this workflow runs parsl 2024.12.2" in mismatch(
+        str(built_image), found, ("2024.12.2", "3.11"))
+    assert "holds Python 3.11, but this workflow runs Python 3.12" in mismatch(
+        str(built_image), found, (PARSL, "3.12"))
 
 
 def test_build_without_apptainer_says_how_to_get_it(tmp_path):

@@ -49,7 +49,8 @@ AURORA_STACK = HostStack(binds=AURORA_BINDS, library_dirs=AURORA_LIBRARY_DIRS)
 def block_setup(stack: HostStack, extra_binds: Iterable[str] = ()) -> str:
     """Shell lines for a block whose workers run in the image, run on the compute node.
 
-    Binds the stack's paths that exist there (and `extra_binds`), puts the host's own `mpiexec`
+    Binds the stack's paths that exist there (and `extra_binds`, and what APPTAINER_BIND already
+    names), puts the host's own `mpiexec`
     first on PATH inside the image (Apptainer resets PATH) and the host libraries on
     LD_LIBRARY_PATH; all through Apptainer's environment variables, so the worker command
     itself stays `apptainer exec IMAGE ...`.
@@ -57,7 +58,7 @@ def block_setup(stack: HostStack, extra_binds: Iterable[str] = ()) -> str:
     binds = " ".join(shlex.quote(b) for b in dict.fromkeys([*stack.binds, *extra_binds]))
     libs = ":".join(stack.library_dirs)
     lines = [
-        "PARSL_AURORA_BINDS=",
+        'PARSL_AURORA_BINDS="${APPTAINER_BIND:-}"',
         f"for b in {binds}; do",
         '    [ -e "${b%%:*}" ] && PARSL_AURORA_BINDS="${PARSL_AURORA_BINDS:+$PARSL_AURORA_BINDS,}$b"',
         "done",

@@ -266,8 +266,9 @@ def _block(site: Site, node: Node, mode: str, *, worker_init: str, run_dir: str,
     """The block's shell lines and worker command: environment, folder, GPU hierarchy, image.
 
     In order: the driver's Python environment (or, for workers in an image, apptainer); the
-    site's lines; what the host lends to the image; the GPU hierarchy the masks are written for;
-    the user's worker_init last, so it can override anything above. Launcher files land in the
+    site's lines; the GPU hierarchy the masks are written for; the user's worker_init, so it can
+    override anything above; for workers in an image, last, what the host lends to the image,
+    as the lines above leave the node's environment. Launcher files land in the
     run directory; worker pools start in the driver's working directory, as Parsl's shared file
     system contract has it (a bash app's relative stdout= lands where the driver runs).
     """
@@ -281,16 +282,18 @@ def _block(site: Site, node: Node, mode: str, *, worker_init: str, run_dir: str,
         hierarchy or os.environ.get("ZE_FLAT_DEVICE_HIERARCHY") or "COMPOSITE")
     image = container
     if image is None and site.real_pbs and in_image():
-        image = in_image()  # the driver runs in an image: its workers run in the same one
-    run_path, here = Path(run_dir).resolve(), Path.cwd()
-    if image:
+        # The driver runs in an image, which exists on the host whether or not it is bound in
+        # here, and holds the driver's Parsl: its workers run in the same one.
+        image = in_image()
+    elif image:
         if not Path(image).is_file():
             raise ConfigError("container", image, "a path to an existing .sif image",
                               "build one with `make image` or fetch it with `make pull`")
         image = str(Path(image).resolve())
         ctr.check_image(image)
-        lines = [site.container_init, site.worker_init,
-                 ctr.block_setup(site.container_host, [str(run_path), str(here), *binds])]
+    run_path, here = Path(run_dir).resolve(), Path.cwd()
+    if image:
+        lines = [site.container_init, site.worker_init]
     else:
         lines = [driver_environment() if activate else "", site.worker_init]
     lines.append(f"export ZE_FLAT_DEVICE_HIERARCHY={hierarchy}")
@@ -299,6 +302,9 @@ def _block(site: Site, node: Node, mode: str, *, worker_init: str, run_dir: str,
         bind = topology.rank_cpu_bind(site.pals_node or node, site.cores_per_rank)
         lines.append(f"export PARSL_AURORA_CPU_BIND={bind}")
     lines += [f"cd {shlex.quote(str(run_path))}", worker_init]
+    if image:
+        # After the user's lines: the binds and library path follow what they load (modules).
+        lines.append(ctr.block_setup(site.container_host, [str(run_path), str(here), *binds]))
     command = f"{GUARD} {DEFAULT_LAUNCH_CMD}"
     if image:
         command = ctr.wrap_launch_cmd(command, image)

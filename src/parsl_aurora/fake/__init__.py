@@ -37,10 +37,9 @@ def hydra() -> str:
     beside = Path(sys.executable).parent / "mpiexec.hydra"
     if beside.exists():
         return str(beside)
-    # Skip the fake's own folder: its mpiexec would call itself.
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
-                           if p and Path(p).resolve() != bin_dir())
-    return shutil.which("mpiexec.hydra", path=path) or shutil.which("mpiexec", path=path) or ""
+    # Only hydra's own name: any `mpiexec` may be a fake PALS (this one, or the host's bound
+    # into the image), which would call itself.
+    return shutil.which("mpiexec.hydra") or ""
 
 
 def environment(run_dir: os.PathLike | str) -> dict[str, str]:
