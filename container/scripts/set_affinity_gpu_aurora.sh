@@ -20,4 +20,6 @@ fi
 unset EnableWalkerPartition
 export ZE_ENABLE_PCI_ID_DEVICE_ORDER=1
 export ZE_AFFINITY_MASK="$mask"
+# No core dumps, as ALCF's own script sets, until Aurora's file-system problems are fixed.
+ulimit -c 0
 exec "$@"
