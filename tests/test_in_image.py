@@ -203,3 +203,25 @@ def test_without_the_bridge_the_image_says_how_to_reach_pbs(built_image, tmp_pat
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "pbs-bridge -- apptainer exec aurora.sif python workflow.py" in out.stderr
     assert not (tmp_path / "runinfo").exists()
+
+
+@pytest.mark.needs("fuse")
+def test_in_job_pbs_runs_the_driver_in_the_image(image_for_nobody, tmp_path):
+    """examples/in_job.pbs as written, given the image: through the fake's qsub, the job runs
+    the driver in the image (apptainer comes from a `module load` where there is one)."""
+    from clusters import fake_cluster
+
+    cluster = fake_cluster(tmp_path)
+    d = cluster.workdir("injob")
+    shutil.copytree(ROOT / "examples", d / "examples")
+    job = cluster.run("qsub", "-A", "fake", "-v",
+                      f"PARSL_SITE=local,PARSL_AURORA_IMAGE={image_for_nobody}",
+                      "examples/in_job.pbs", cwd=d)
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip()
+    cluster.jobs.append(job_id)
+    record = cluster.wait_state(job_id, "F", limit=600)
+    seq = job_id.split(".")[0]
+    out, err = (d / f"parsl_in_job.o{seq}").read_text(), (d / f"parsl_in_job.e{seq}").read_text()
+    assert record["Exit_status"] == 0, out[-2000:] + err[-2000:]
+    assert "12 python tasks on 12 distinct tiles" in out

@@ -32,7 +32,7 @@ def nodefile_lines(n: int) -> str:
 def hydra() -> str:
     """MPICH's mpiexec (from the `mpich` wheel) that really launches the ranks; "" if none."""
     found = os.environ.get("PARSL_AURORA_HYDRA")
-    if found:
+    if found and os.access(found, os.X_OK):  # a host's path may reach into the image
         return found
     beside = Path(sys.executable).parent / "mpiexec.hydra"
     if beside.exists():
