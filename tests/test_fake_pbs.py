@@ -40,7 +40,8 @@ def test_the_end_of_a_job_ends_everything_it_started(fake, end):
     """hydra's proxies and ranks call setsid(): killing the job's process group is not enough;
     the fake's supervisor (a child subreaper) finds and ends them all, as PBS's MoM does."""
     d = fake.workdir()
-    walltime = "0:00:03" if end == "walltime" else "0:01:00"
+    # Long enough for all nine processes to start on a loaded machine before the walltime.
+    walltime = "0:00:15" if end == "walltime" else "0:01:00"
     job_id = fake.submit(d, "trap '' TERM\nmpiexec -n 4 --ppn 2 sleep 300\n",
                          directives=("-l select=2", f"-l walltime={walltime}"))
     wait_for(lambda: len(job_processes(fake, job_id)) >= 7,
@@ -78,7 +79,8 @@ def test_parsl_pbspro_provider_against_the_fake(fake, tmp_path, monkeypatch):
     for k, v in fake.env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(fake.workdir())
-    provider = PBSProProvider(account="proj", queue="workq", walltime="00:00:03",
+    # `short` must still run when `gone` starts, on a loaded machine too.
+    provider = PBSProProvider(account="proj", queue="workq", walltime="00:00:10",
                               launcher=SimpleLauncher(), cpus_per_node=208,
                               scheduler_options="#PBS -l filesystems=home:flare")
     provider.script_dir = str(tmp_path)
