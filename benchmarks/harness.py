@@ -75,14 +75,15 @@ def verdict(values: Sequence[float], target: Target, fmt: str = "{:.2f}") -> str
     return f"within noise ({fmt.format(lo)}-{fmt.format(hi)})"
 
 
-def judged(values: Mapping[str, Sequence[float]], case: str, target: Target) -> tuple[float, str]:
-    """(the figure the target is about, the verdict): the ratio of medians and the verdict on
-    the paired ratios for a relative target, the median and its verdict for an absolute one."""
+def judged(values: Mapping[str, Sequence[float]], case: str, target: Target,
+           fmt: str = "{:.2f}") -> tuple[float, str]:
+    """(the figure the target is about, the verdict): the median of the paired ratios and their
+    verdict for a relative target, the median and its verdict for an absolute one."""
     xs = values[case]
     if target.of is None:
-        return statistics.median(xs), verdict(xs, target, "{:.3g}")
-    ratio = statistics.median(xs) / statistics.median(values[target.of])
-    return ratio, verdict(paired_ratios(xs, values[target.of]), target)
+        return statistics.median(xs), verdict(xs, target, fmt)
+    ratios = paired_ratios(xs, values[target.of])
+    return statistics.median(ratios), verdict(ratios, target)
 
 
 # ---------------------------------------------------------------- pure: markdown
@@ -100,8 +101,8 @@ def fmt_runs(xs: Sequence[float], fmt: str) -> str:
 
 
 def group_table(group: Mapping, values: Mapping[str, Sequence[float]]) -> str:
-    """One interleaved measurement as a table: median, min-max, every run, the ratio of medians
-    to the group's baseline, and each target with its verdict.
+    """One interleaved measurement as a table: median, min-max, every run, the median of the
+    ratios to the group's baseline paired run by run, and each target with its verdict.
 
     group: {"unit", "fmt", "baseline" (case name or None), "cases" [names],
             "labels" {case: text}, "targets" {case: [Target.as_dict()]}}
@@ -116,12 +117,12 @@ def group_table(group: Mapping, values: Mapping[str, Sequence[float]]) -> str:
         row = [group.get("labels", {}).get(case, f"`{case}`"), fmt.format(statistics.median(xs)),
                f"{fmt.format(min(xs))}-{fmt.format(max(xs))}", fmt_runs(xs, fmt)]
         if base:
-            row.append(f"{statistics.median(xs) / statistics.median(values[base]):.2f}")
+            row.append(f"{statistics.median(paired_ratios(xs, values[base])):.2f}")
         targets = [Target(**t) for t in group.get("targets", {}).get(case, [])]
         row.append("; ".join(t.text(unit) for t in targets) or "-")
-        row.append("; ".join(judged(values, case, t)[1] for t in targets) or "-")
+        row.append("; ".join(judged(values, case, t, fmt)[1] for t in targets) or "-")
         rows.append(row)
-    return md_table(header, rows, right=(1,))
+    return md_table(header, rows, right=(1, 4) if base else (1,))
 
 
 def summary_rows(title: str, group: Mapping, values: Mapping[str, Sequence[float]]
@@ -131,10 +132,10 @@ def summary_rows(title: str, group: Mapping, values: Mapping[str, Sequence[float
     fmt, unit = group.get("fmt", "{:.2f}"), group["unit"]
     for case in group["cases"]:
         for t in (Target(**d) for d in group.get("targets", {}).get(case, [])):
-            figure, holds = judged(values, case, t)
+            figure, holds = judged(values, case, t, fmt)
             shown = (f"{figure:.2f}x" if t.of
                      else f"{fmt.format(figure)} {unit}")
-            rows.append([f"{title}: `{case}`", shown, t.text(unit), holds])
+            rows.append([f"{title}, `{case}`", shown, t.text(unit), holds])
     return rows
 
 
@@ -258,10 +259,9 @@ def machine() -> str:
                            check=False).stdout.strip() if appt else "no apptainer")
     from importlib.metadata import version
 
-    load = os.getloadavg()[0]
     return (f"{osname}, kernel {platform.release()}, {os.cpu_count()} cores, "
             f"{mem / 2**20:.1f} GiB, Python {platform.python_version()}, "
-            f"Parsl {version('parsl')}, {appt}; load average {load:.1f} at the end")
+            f"Parsl {version('parsl')}, {appt}")
 
 
 def report(title: str, result: Mapping) -> str:
