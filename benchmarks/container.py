@@ -143,7 +143,8 @@ def count_under(trace: str, folder: str) -> dict[str, int]:
     prefix, out = folder.rstrip("/"), {}
     for line in trace.splitlines():
         m = _CALL.match(line.strip())
-        s = _STR.search(m.group(2)) if m and "resumed>" not in line else None
+        # A `<... call resumed>` line has no `call(`: the path was on its <unfinished> half.
+        s = _STR.search(m.group(2)) if m else None
         if s and (s.group(1) == prefix or s.group(1).startswith(prefix + "/")):
             out[m.group(1)] = out.get(m.group(1), 0) + 1
     return out
