@@ -26,6 +26,7 @@ RUNS = 10
 FIRST_RUNS = 7
 IMAGE_OVER_VENV = 1.1
 IMPORT = "import parsl"
+SQLALCHEMY = "import parsl, sys; print('sqlalchemy' in sys.modules)"
 PARTS = ("import", "pycs", "first", "syscalls")
 STRACE = "/usr/bin/strace"
 SHARED = WORK / "shared"  # a pretend shared file system: a venv and a copy of the SIF
@@ -86,7 +87,7 @@ def import_parsl(runs: int, sif: Path, venv: Path) -> dict:
 def count_stale(verbose_stderr: str) -> dict[str, int]:
     """From `python -v`'s stderr: pycs found stale (recompiled from source) and pycs used."""
     return {"stale": verbose_stderr.count("bytecode is stale"),
-            "used": len(re.findall(r"^# code object from '.*\.pyc'$", verbose_stderr, re.M))}
+            "used": len(re.findall(r"^# code object from '.*\.pyc'$", verbose_stderr, re.MULTILINE))}
 
 
 def pycs(sif: Path, venv: Path) -> str:
@@ -99,9 +100,7 @@ def pycs(sif: Path, venv: Path) -> str:
         r = subprocess.run(harness.as_user(user, cmd), env=home(user), cwd="/tmp",
                            capture_output=True, text=True, check=True)
         n = count_stale(r.stderr)
-        sqla = subprocess.run(harness.as_user(user, [*cmd[:-3], "-c",
-                                                     "import parsl, sys; print('sqlalchemy' in "
-                                                     "sys.modules)"]),
+        sqla = subprocess.run(harness.as_user(user, [*cmd[:-3], "-c", SQLALCHEMY]),
                               env=home(user), cwd="/tmp", capture_output=True, text=True,
                               check=True).stdout.strip()
         rows.append([label, str(n["stale"]), str(n["used"]), sqla])

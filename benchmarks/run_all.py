@@ -20,12 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-import container
 import first_result
 import harness
 import image_build
 import scheduler
 import throughput
+
+import container
 
 DOC = harness.ROOT / "docs" / "benchmarks.md"
 # part -> (section title, runs it, the run counts it reports)

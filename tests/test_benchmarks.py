@@ -28,14 +28,14 @@ def test_ratios_pair_run_i_with_run_i(bench):
 
 
 @pytest.mark.parametrize("values, target, expected", [
-    ([0.90, 0.95, 1.00, 1.02, 1.04], dict(limit=1.05), "yes"),
-    ([1.06, 1.10, 1.20, 1.30, 1.50], dict(limit=1.05), "no"),
+    ([0.90, 0.95, 1.00, 1.02, 1.04], {"limit": 1.05}, "yes"),
+    ([1.06, 1.10, 1.20, 1.30, 1.50], {"limit": 1.05}, "no"),
     # Q1 1.00 meets the target, Q3 1.10 does not: the runs cannot say.
-    ([0.90, 1.00, 1.05, 1.10, 1.40], dict(limit=1.05), "within noise (1.00-1.10)"),
-    ([0.90, 1.00, 1.05, 1.10, 1.40], dict(limit=0.95, better="higher"), "yes"),
-    ([0.80, 0.90, 1.00, 1.10, 1.20], dict(limit=0.95, better="higher"),
+    ([0.90, 1.00, 1.05, 1.10, 1.40], {"limit": 1.05}, "within noise (1.00-1.10)"),
+    ([0.90, 1.00, 1.05, 1.10, 1.40], {"limit": 0.95, "better": "higher"}, "yes"),
+    ([0.80, 0.90, 1.00, 1.10, 1.20], {"limit": 0.95, "better": "higher"},
      "within noise (0.90-1.10)"),
-    ([0.80, 0.85, 0.90, 0.91, 2.00], dict(limit=0.95, better="higher"), "no"),
+    ([0.80, 0.85, 0.90, 0.91, 2.00], {"limit": 0.95, "better": "higher"}, "no"),
 ])
 def test_verdict_says_within_noise_when_the_middle_half_straddles_the_target(
         bench, values, target, expected):
@@ -57,13 +57,13 @@ def test_group_table_is_rendered_whole(bench):
              "labels": {"tuned": "hand-tuned"},
              "targets": {"mode": [h.Target(1.05, of="tuned").as_dict(), h.Target(1.5).as_dict()]}}
     values = {"tuned": [1.0, 2.0, 1.0], "mode": [1.0, 2.2, 1.2]}
-    assert h.group_table(group, values) == "\n".join([
+    assert h.group_table(group, values).splitlines() == [
         "| case | median (s) | min-max | runs | ratio to `tuned` | target | holds |",
         "| --- | ---: | --- | --- | ---: | --- | --- |",
         "| hand-tuned | 1.00 | 1.00-2.00 | 1.00 2.00 1.00 | 1.00 | - | - |",
-        "| `mode` | 1.20 | 1.00-2.20 | 1.00 2.20 1.20 | 1.10 | <= 1.05x `tuned`; <= 1.5 s | "
-        "within noise (1.05-1.15); within noise (1.10-1.70) |",
-    ])
+        ("| `mode` | 1.20 | 1.00-2.20 | 1.00 2.20 1.20 | 1.10 | <= 1.05x `tuned`; <= 1.5 s | "
+         "within noise (1.05-1.15); within noise (1.10-1.70) |"),
+    ]
     assert h.summary_rows("First result", group, values) == [
         ["First result, `mode`", "1.10x", "<= 1.05x `tuned`", "within noise (1.05-1.15)"],
         ["First result, `mode`", "1.20 s", "<= 1.5 s", "within noise (1.10-1.70)"]]
@@ -90,7 +90,8 @@ def test_refusing_qsub_answers_as_pbs_and_logs_the_call(bench, tmp_path):
     script.write_text(s.standin("qsub", "/nonexistent/qsub", str(log),
                                 s.SCENARIOS["qsub refused"]["qsub"]))
     script.chmod(0o755)
-    r = subprocess.run([str(script), "-q", "debug", "job.sh"], capture_output=True, text=True)
+    r = subprocess.run([str(script), "-q", "debug", "job.sh"], capture_output=True, text=True,
+                       check=False)
     assert (r.returncode, r.stdout, r.stderr) == (
         38, "", "qsub: would exceed queue generic's per-user limit\n")
     stamp, command = log.read_text().split()
@@ -106,7 +107,7 @@ def test_failing_qstat_prints_only_the_json_header_and_exits_255(bench, tmp_path
                                 s.SCENARIOS["qstat fails (JSON header, exit 255)"]["qstat"]))
     script.chmod(0o755)
     r = subprocess.run([str(script), "-f", "-F", "json", "1.server"], capture_output=True,
-                       text=True)
+                       text=True, check=False)
     assert r.returncode == 255
     assert set(json.loads(r.stdout)) == {"timestamp", "pbs_version", "pbs_server"}
     assert r.stderr.splitlines()[-1].startswith("qstat: cannot connect to server ")
@@ -122,7 +123,8 @@ def test_forwarding_standin_runs_the_real_command_with_its_arguments(bench, tmp_
     script = tmp_path / "qdel"
     script.write_text(bench.scheduler.standin("qdel", str(real), str(tmp_path / "log"), None))
     script.chmod(0o755)
-    r = subprocess.run([str(script), "-W", "force", "7.x"], capture_output=True, text=True)
+    r = subprocess.run([str(script), "-W", "force", "7.x"], capture_output=True, text=True,
+                       check=False)
     assert (r.returncode, r.stdout) == (3, "real -W force 7.x\n")
 
 
@@ -140,14 +142,14 @@ def test_count_stale_reads_python_verbose_output(bench):
 
 
 def test_count_under_keeps_calls_whose_path_is_in_the_folder(bench):
-    trace = "\n".join([
+    trace = [
         '12 openat(AT_FDCWD, "/shared/venv/lib/x.py", O_RDONLY) = 3',
         '[pid 13] newfstatat(AT_FDCWD, "/shared", {st_mode=S_IFDIR}, 0) = 0',
         '12 openat(AT_FDCWD, "/sharedother/y", O_RDONLY) = 3',
         '12 <... readlink resumed>"/shared/venv/bin/python3", 4096) = 24',
         '12 stat("/usr/lib/python3.11/os.py", ...) = 0',
-    ])
-    assert bench.container.count_under(trace, "/shared/") == {"openat": 1, "newfstatat": 1}
+    ]
+    assert bench.container.count_under("\n".join(trace), "/shared/") == {"openat": 1, "newfstatat": 1}
 
 
 def test_document_header_states_the_run_counts_of_the_results(bench):
