@@ -160,7 +160,7 @@ def _strace(cmd: list[str]) -> dict[str, int]:
 def syscalls(sif: Path) -> str:
     """A table: metadata calls under SHARED for `import parsl` from a venv and from the image
     there (as root: strace cannot follow the setuid starter for an ordinary user)."""
-    venv = harness.locked_venv(SHARED / "venv")
+    venv = harness.locked_venv(SHARED)
     copy = SHARED / "aurora.sif"
     if not copy.exists() or copy.stat().st_mtime < sif.stat().st_mtime:
         shutil.copy2(sif, copy)
@@ -181,13 +181,13 @@ def syscalls(sif: Path) -> str:
 def measure(runs: int = RUNS, first_runs: int = FIRST_RUNS, parts=PARTS) -> dict:
     sif = image()
     values, groups, notes = {}, [], []
-    locked = harness.locked_venv(WORK / "locked-venv")
+    locked = harness.locked_venv()
     if "import" in parts:
         r = import_parsl(runs, sif, locked)
         values.update(r["values"])
         groups += r["groups"]
     if "first" in parts:
-        r = first_result(first_runs, sif, harness.user_venv(WORK / "user-venv"))
+        r = first_result(first_runs, sif, harness.user_venv())
         values.update(r["values"])
         groups += r["groups"]
     if "pycs" in parts:

@@ -6,6 +6,7 @@ Pure functions do the statistics, verdicts and tables (tests/test_benchmarks.py 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -207,7 +208,7 @@ def venv(folder: Path, *requirements: str, python: str = DEBIAN_PYTHON,
     py, done = folder / "bin" / "python", folder / ".complete"
     if done.exists():
         return py
-    WORK.mkdir(mode=0o755, parents=True, exist_ok=True)
+    folder.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     shutil.rmtree(folder, ignore_errors=True)  # half made by an interrupted run
     subprocess.run([python, "-m", "venv", str(folder)], check=True)
     subprocess.run([str(py), "-m", "pip", "install", "-q", *pip_args, *requirements], check=True)
@@ -229,22 +230,29 @@ def _project(py: Path) -> Path:
     return py
 
 
-def locked_venv(folder: Path) -> Path:
+def _lock_key() -> str:
+    """Short digest of the lock: a venv made from an older lock is not reused."""
+    return hashlib.sha256((ROOT / LOCK).read_bytes()).hexdigest()[:12]
+
+
+def locked_venv(parent: Path = WORK) -> Path:
     """A venv holding exactly the image's packages (container/requirements.lock, hash-checked,
     from the wheelhouse when there is one) and this checkout, so it and the image import the
     same code and only where it lives differs."""
     wheels = ROOT / ".wheelhouse"
     src = ["--no-index", "--find-links", str(wheels)] if wheels.is_dir() else []
-    return _project(venv(folder, "--require-hashes", "-r", str(ROOT / LOCK),
-                         pip_args=["--no-deps", *src]))
+    return _project(venv(parent / f"locked-venv-{_lock_key()}", "--require-hashes", "-r",
+                         str(ROOT / LOCK), pip_args=["--no-deps", *src]))
 
 
-def user_venv(folder: Path) -> Path:
+def user_venv() -> Path:
     """`pip install parsl-aurora[fake]` as a user does (no monitoring extra), held to the
     lock's versions, so it differs from the image only by what the image adds."""
-    pins = WORK / "lock-pins.txt"
+    pins = WORK / f"lock-pins-{_lock_key()}.txt"
+    WORK.mkdir(mode=0o755, parents=True, exist_ok=True)
     pins.write_text(lock_pins((ROOT / LOCK).read_text()))
-    return _project(venv(folder, f"{ROOT}[fake]", pip_args=["-c", str(pins)]))
+    return _project(venv(WORK / f"user-venv-{_lock_key()}", f"{ROOT}[fake]",
+                         pip_args=["-c", str(pins)]))
 
 
 def machine() -> str:

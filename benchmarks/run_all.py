@@ -3,6 +3,7 @@
     python benchmarks/run_all.py                        # everything (nox -s bench)
     python benchmarks/run_all.py --only scheduler       # one part; the document has only it
     python benchmarks/run_all.py --quick                # few runs: shows the code works
+    python benchmarks/run_all.py --only image_build --merge   # re-run one part, keep the rest
     python benchmarks/run_all.py --from-json            # re-render the last saved results
 
 Raw results go to --json. Every figure in the document, the header's run counts included, comes
@@ -43,7 +44,7 @@ PARTS = {
     "image_build": ("Image build", lambda a: image_build.measure(a.builds), ("runs",)),
 }
 NEEDS_APPTAINER = ("container", "image_build")
-QUICK = {"runs": 2, "throughput_runs": 2, "tasks": 1000, "scheduler_runs": 1, "window": 20,
+QUICK = {"runs": 2, "throughput_runs": 2, "tasks": 1000, "scheduler_runs": 1,
          "container_runs": 3, "builds": 1}
 HOW = """
 Written by `python benchmarks/run_all.py` (`nox -s bench`, `make bench`) from its own
@@ -104,6 +105,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help=f"small counts: {QUICK}")
     p.add_argument("--json", type=Path, default=harness.WORK / "results.json")
     p.add_argument("--from-json", action="store_true", help="render saved results, run nothing")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the saved results of parts not run now (each says when it ran)")
     p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
     a = p.parse_args()
     if a.quick:
@@ -111,7 +114,7 @@ def main() -> int:
     if a.from_json:
         results = json.loads(a.json.read_text())
     else:
-        results = {}
+        results = json.loads(a.json.read_text()) if a.merge and a.json.exists() else {}
         parts = a.only.split(",")
         unknown = sorted(set(parts) - set(PARTS))
         if unknown:
