@@ -175,11 +175,13 @@ def as_user(user: str | None, cmd: Sequence[str]) -> list[str]:
 
 
 def fresh(cmd: Sequence[str], env: Mapping[str, str] | None = None, user: str | None = None,
-          attempts: int = 2) -> object:
+          attempts: int = 3) -> object:
     """Run cmd in a new empty folder (owned by `user`), return the JSON on its last stdout line.
 
-    A failed run is printed and tried once more (seen on the busy host: Parsl's pool "Failed to
-    find a viable address to connect to interchange" when its address probe timed out).
+    A failed run is printed and tried again, up to `attempts` in all: on the loaded shared host
+    Parsl's default pool sometimes exits with "Failed to find a viable address to connect to
+    interchange" (it probes every address of the host; the configs that name their address do
+    not), twice in a row once.
     """
     for attempt in range(1, attempts + 1):
         # A fake job's supervisor may still be writing its end state as the folder goes.
