@@ -179,9 +179,8 @@ def fresh(cmd: Sequence[str], env: Mapping[str, str] | None = None, user: str | 
     """Run cmd in a new empty folder (owned by `user`), return the JSON on its last stdout line.
 
     A failed run is printed and tried again, up to `attempts` in all: on the loaded shared host
-    Parsl's default pool sometimes exits with "Failed to find a viable address to connect to
-    interchange" (it probes every address of the host; the configs that name their address do
-    not), twice in a row once.
+    the pool of Parsl's default config sometimes exits with "Failed to find a viable address to
+    connect to interchange" (its probe of the host's addresses timed out), once twice in a row.
     """
     for attempt in range(1, attempts + 1):
         # A fake job's supervisor may still be writing its end state as the folder goes.
