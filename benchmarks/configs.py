@@ -8,6 +8,7 @@ cluster through `parsl_aurora.fake.environment`, as a user of the fake would.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -39,8 +40,12 @@ def _tuned() -> dict:
 def _htex(provider):
     from parsl.executors import HighThroughputExecutor
 
+    # Parsl starts at most CPUs / cores_per_worker workers: 12 on an Aurora node with the
+    # default 1.0, but only as many as this machine has CPUs on the fake node, unless lowered.
+    cpus = os.cpu_count() or 1
     return HighThroughputExecutor(
         label="htex", available_accelerators=TILES, max_workers_per_node=12,
+        cores_per_worker=1.0 if cpus >= 12 else math.floor(cpus / 12 * 1000) / 1000,
         prefetch_capacity=0, encrypted=True, provider=provider)
 
 

@@ -15,7 +15,7 @@ def bench(monkeypatch):
     """The benchmark modules, imported from benchmarks/ as its scripts import each other."""
     monkeypatch.syspath_prepend(str(BENCH))
     return SimpleNamespace(**{m: importlib.import_module(m) for m in
-                              ("harness", "scheduler", "container", "run_all")})
+                              ("harness", "configs", "scheduler", "container", "run_all")})
 
 
 def test_quartiles_are_the_middle_half(bench):
@@ -166,3 +166,17 @@ def test_document_header_states_the_run_counts_of_the_results(bench):
             "2026-01-01 00:00 | 12 | 1.5 |") in doc
     assert ("| Scheduler calls while PBS refuses or fails: Calls, `multi_job` | 2 calls/min | "
             "<= 10 calls/min | yes |") in doc
+
+
+def test_hand_tuned_htex_starts_twelve_workers_on_this_machine(bench):
+    # Parsl's pool starts min(max_workers_per_node, CPUs // cores_per_worker) workers; the
+    # baseline must run the modes' 12 whatever this machine's CPU count.
+    import math
+    import os
+
+    from parsl.providers import LocalProvider
+
+    htex = bench.configs._htex(LocalProvider())
+    cpus = os.cpu_count()
+    assert min(htex.max_workers_per_node, math.floor(cpus / htex.cores_per_worker)) == 12
+    assert len(htex.available_accelerators) == 12 and htex.encrypted
