@@ -106,7 +106,8 @@ def group_table(group: Mapping, values: Mapping[str, Sequence[float]]) -> str:
     ratios to the group's baseline paired run by run, and each target with its verdict.
 
     group: {"unit", "fmt", "baseline" (case name or None), "cases" [names],
-            "labels" {case: text}, "targets" {case: [Target.as_dict()]}}
+            "labels" {case: text}, "targets" {case: [Target.as_dict()]},
+            "caveats" {case: text the verdict needs beside it}}
     """
     fmt, unit, base = group.get("fmt", "{:.2f}"), group["unit"], group.get("baseline")
     header = ["case", f"median ({unit})", "min-max", "runs"]
@@ -121,9 +122,15 @@ def group_table(group: Mapping, values: Mapping[str, Sequence[float]]) -> str:
             row.append(f"{statistics.median(paired_ratios(xs, values[base])):.2f}")
         targets = [Target(**t) for t in group.get("targets", {}).get(case, [])]
         row.append("; ".join(t.text(unit) for t in targets) or "-")
-        row.append("; ".join(judged(values, case, t, fmt)[1] for t in targets) or "-")
+        row.append(_holds([judged(values, case, t, fmt)[1] for t in targets], group, case))
         rows.append(row)
     return md_table(header, rows, right=(1, 4) if base else (1,))
+
+
+def _holds(verdicts: Sequence[str], group: Mapping, case: str) -> str:
+    """The verdicts, and what the figure alone does not say (group["caveats"][case])."""
+    caveat = group.get("caveats", {}).get(case)
+    return "; ".join([*verdicts, *([f"but {caveat}"] if caveat else [])]) or "-"
 
 
 def summary_rows(title: str, group: Mapping, values: Mapping[str, Sequence[float]]
@@ -136,7 +143,7 @@ def summary_rows(title: str, group: Mapping, values: Mapping[str, Sequence[float
             figure, holds = judged(values, case, t, fmt)
             shown = (f"{figure:.2f}x" if t.of
                      else f"{fmt.format(figure)} {unit}")
-            rows.append([f"{title}, `{case}`", shown, t.text(unit), holds])
+            rows.append([f"{title}, `{case}`", shown, t.text(unit), _holds([holds], group, case)])
     return rows
 
 

@@ -155,6 +155,17 @@ def _run(scenario: str, config: str, window: float, env: dict, keep: dict) -> fl
     return (r["qsub"] + r["qstat"] + r["qdel"]) * 60 / window
 
 
+def failures(details: dict) -> dict[str, str]:
+    """{case: "the workflow failed: <exception types>"} for cases where a run's task failed:
+    few calls from a workflow that gave up are no success, so the verdict says so beside it."""
+    out = {}
+    for case, runs in details.items():
+        failed = sorted({r["state"].split(": ")[1] for r in runs if r["state"] != "running"})
+        if failed:
+            out[case] = "the workflow failed: " + ", ".join(failed)
+    return out
+
+
 def details_table(keep: dict) -> str:
     """Per command, the calls of each run, and how the workflow stood at the end."""
     rows = []
@@ -177,7 +188,7 @@ def measure(runs: int = RUNS, window: float = WINDOW, latency_runs: int = LATENC
     labels = {k: f"{k.split(' / ')[0]}: {LABELS[k.split(' / ')[1]]}" for k in values}
     groups = [{"title": f"Calls per minute, first {window:g} s",
                "unit": "calls/min", "fmt": "{:.0f}", "baseline": None, "labels": labels,
-               "cases": list(cases), "targets": {
+               "cases": list(cases), "caveats": failures(keep), "targets": {
                    f"{s} / multi_job": [Target(CALLS_PER_MINUTE).as_dict()] for s in scenarios}},
               {"title": "Seconds from `parsl.load` to the first `qsub`",
                "unit": "s", "fmt": "{:.3f}", "baseline": f"{NOTHING_FAILS} / tuned_pbs",
@@ -187,7 +198,8 @@ def measure(runs: int = RUNS, window: float = WINDOW, latency_runs: int = LATENC
              "(`running`: still waiting or running, i.e. the workflow goes on):\n\n"
              + details_table(keep)]
     return {"about": ABOUT.format(refused=REFUSED, window=window), "runs": runs,
-            "latency_runs": latency_runs, "values": values, "groups": groups, "notes": notes}
+            "latency_runs": latency_runs, "values": values, "groups": groups, "notes": notes,
+            "details": keep}
 
 
 def main() -> int:

@@ -64,9 +64,13 @@ def test_group_table_is_rendered_whole(bench):
         ("| `mode` | 1.20 | 1.00-2.20 | 1.00 2.20 1.20 | 1.10 | <= 1.05x `tuned`; <= 1.5 s | "
          "within noise (1.05-1.15); within noise (1.10-1.70) |"),
     ]
+    group["caveats"] = {"mode": "it failed"}
+    assert h.group_table(group, values).endswith(
+        "within noise (1.05-1.15); within noise (1.10-1.70); but it failed |")
     assert h.summary_rows("First result", group, values) == [
-        ["First result, `mode`", "1.10x", "<= 1.05x `tuned`", "within noise (1.05-1.15)"],
-        ["First result, `mode`", "1.20 s", "<= 1.5 s", "within noise (1.10-1.70)"]]
+        ["First result, `mode`", "1.10x", "<= 1.05x `tuned`",
+         "within noise (1.05-1.15); but it failed"],
+        ["First result, `mode`", "1.20 s", "<= 1.5 s", "within noise (1.10-1.70); but it failed"]]
 
 
 def test_interleave_rotates_the_first_case_each_round(bench):
@@ -131,6 +135,15 @@ def test_forwarding_standin_runs_the_real_command_with_its_arguments(bench, tmp_
 def test_calls_counts_each_command_inside_the_window_only(bench):
     log = "99.9 qsub\n100.0 qsub\n100.5 qstat\n159.9 qdel\n160.0 qsub\n"
     assert bench.scheduler.calls(log, 100.0, 60) == {"qsub": 1, "qstat": 1, "qdel": 1}
+
+
+def test_a_workflow_that_gave_up_is_named_beside_its_verdict(bench):
+    details = {"qsub refused / multi_job": [
+                   {"state": "running"},
+                   {"state": "failed: TooManyJobFailuresError: Error 1:"}],
+               "qsub refused / tuned_pbs": [{"state": "running"}]}
+    assert bench.scheduler.failures(details) == {
+        "qsub refused / multi_job": "the workflow failed: TooManyJobFailuresError"}
 
 
 def test_count_stale_reads_python_verbose_output(bench):
