@@ -130,7 +130,7 @@ def group_table(group: Mapping, values: Mapping[str, Sequence[float]]) -> str:
 def _holds(verdicts: Sequence[str], group: Mapping, case: str) -> str:
     """The verdicts, and what the figure alone does not say (group["caveats"][case])."""
     caveat = group.get("caveats", {}).get(case)
-    return "; ".join([*verdicts, *([f"but {caveat}"] if caveat else [])]) or "-"
+    return "; ".join([*verdicts, *([caveat] if caveat else [])]) or "-"
 
 
 def summary_rows(title: str, group: Mapping, values: Mapping[str, Sequence[float]]

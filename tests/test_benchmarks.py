@@ -66,11 +66,11 @@ def test_group_table_is_rendered_whole(bench):
     ]
     group["caveats"] = {"mode": "it failed"}
     assert h.group_table(group, values).endswith(
-        "within noise (1.05-1.15); within noise (1.10-1.70); but it failed |")
+        "within noise (1.05-1.15); within noise (1.10-1.70); it failed |")
     assert h.summary_rows("First result", group, values) == [
         ["First result, `mode`", "1.10x", "<= 1.05x `tuned`",
-         "within noise (1.05-1.15); but it failed"],
-        ["First result, `mode`", "1.20 s", "<= 1.5 s", "within noise (1.10-1.70); but it failed"]]
+         "within noise (1.05-1.15); it failed"],
+        ["First result, `mode`", "1.20 s", "<= 1.5 s", "within noise (1.10-1.70); it failed"]]
 
 
 def test_interleave_rotates_the_first_case_each_round(bench):
