@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -143,7 +144,8 @@ def summary_rows(title: str, group: Mapping, values: Mapping[str, Sequence[float
             figure, holds = judged(values, case, t, fmt)
             shown = (f"{figure:.2f}x" if t.of
                      else f"{fmt.format(figure)} {unit}")
-            rows.append([f"{title}, `{case}`", shown, t.text(unit), _holds([holds], group, case)])
+            label = group.get("labels", {}).get(case, f"`{case}`")
+            rows.append([f"{title}, {label}", shown, t.text(unit), _holds([holds], group, case)])
     return rows
 
 
@@ -282,7 +284,7 @@ def machine() -> str:
 
 def report(title: str, result: Mapping) -> str:
     """A benchmark's section: its description, then each group's table, then its notes."""
-    out = [f"## {title}", "", result["about"].strip(), ""]
+    out = [f"## {title}", "", textwrap.fill(" ".join(result["about"].split()), 96), ""]
     for group in result["groups"]:
         if group.get("title"):
             out += [f"**{group['title']}**", ""]
