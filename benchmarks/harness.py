@@ -284,7 +284,8 @@ def machine() -> str:
 
 def report(title: str, result: Mapping) -> str:
     """A benchmark's section: its description, then each group's table, then its notes."""
-    out = [f"## {title}", "", textwrap.fill(" ".join(result["about"].split()), 96), ""]
+    out = [f"## {title}", "", textwrap.fill(" ".join(result["about"].split()), 96,
+                                          break_on_hyphens=False), ""]
     for group in result["groups"]:
         if group.get("title"):
             out += [f"**{group['title']}**", ""]
