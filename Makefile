@@ -23,8 +23,8 @@ lint: $(NOX) ## check style with ruff
 demo: $(NOX) ## run examples/workflow.py on the fake cluster
 	$(NOX) -s demo
 
-bench: $(NOX) ## benchmark against Parsl's default config
-	$(NOX) -s bench
+bench: $(NOX) ## benchmark against hand-tuned Parsl, rewrite docs/benchmarks.md [ARGS=--quick]
+	$(NOX) -s bench -- $(ARGS)
 
 image: $(NOX) ## build aurora.sif with apptainer (reused when unchanged)
 	$(NOX) -s image -- $(ARGS)

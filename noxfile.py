@@ -41,8 +41,9 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Run every benchmark side by side and rewrite docs/benchmarks.md (-- --only throughput)."""
-    # pip: the image build and the venv cases use it. No monitoring extra: see pyproject.toml.
+    """Run the benchmarks and rewrite docs/benchmarks.md (-- --quick; -- --only scheduler)."""
+    # Installed as users install it, without the monitoring extra (see pyproject.toml); pip
+    # because the image build and the benchmarks' own venvs use it.
     session.install("pip", ".[fake,image]", env=COMPILED)
     session.run("python", "benchmarks/run_all.py", *session.posargs)
 

@@ -1,250 +1,213 @@
-"""The Apptainer image: start-up overhead, shared-file-system pressure, size and build time.
+"""The image at run time: `import parsl` from a fresh `apptainer exec`, pycs, the first result
+with workers in the image, and metadata calls on a shared file system; each beside a venv.
 
-- overhead: wall time of `apptainer exec aurora.sif python -c 'import parsl'` beside
-  `python -c 'import parsl'` from a venv with the same Parsl, interleaved, medians of --runs.
-- syscalls: `strace -f -e trace=%file,getdents64` of `import parsl` (and bigger imports),
-  counting the calls whose path argument lies under a pretend shared folder (SHARED) that holds
-  (a) a venv with parsl installed, (b) a copy of the SIF.
-- image: SIF size; cold build time and the rebuild time after a change to the project's own
-  code only, both in a copy of the repository (never the real tree).
-A benchmark, not a test: nothing here asserts.
+    python benchmarks/container.py [--runs 10] [--first-runs 7] [--only import,pycs,first,syscalls]
+
+Needs apptainer and ./aurora.sif (built with `python -m parsl_aurora.image build` if missing).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import harness
+from harness import ROOT, UNPRIVILEGED, WORK, Target
+
 SIF = ROOT / "aurora.sif"
-SHARED = Path("/tmp/shared")
+RUNS = 10
+FIRST_RUNS = 7
+IMAGE_OVER_VENV = 1.1
+IMPORT = "import parsl"
+SQLALCHEMY = "import parsl, sys; print('sqlalchemy' in sys.modules)"
+PARTS = ("import", "pycs", "first", "syscalls")
 STRACE = "/usr/bin/strace"
-IMPORTS = {
-    "import parsl": "import parsl",
-    "worker pool": "import parsl.executors.high_throughput.process_worker_pool",
-    "many modules": ("import parsl, parsl.executors.high_throughput.process_worker_pool, "
-                     "parsl.executors.high_throughput.interchange, parsl.monitoring, "
-                     "parsl.providers, parsl.launchers, json, email, "
-                     "http.client, xml.dom.minidom, sqlite3, decimal, asyncio"),
-}
+SHARED = WORK / "shared"  # a pretend shared file system: a venv and a copy of the SIF
+ABOUT = """
+`python benchmarks/container.py`. The venvs are made from Debian 12's Python 3.11 (the image's
+interpreter, `{python}`): for `import parsl`, a venv of exactly the image's packages
+(`container/requirements.lock` from the wheelhouse, and this checkout); for the first result,
+`pip install parsl-aurora[fake]` as a user installs it (compiled, not editable, no monitoring
+extra) held to the lock's versions. Root mounts the SIF's squashfs in the kernel; an
+unprivileged user (`runuser -u {user}`, the way Aurora users run) mounts it with squashfuse.
+Each `apptainer exec` is a fresh one, so nothing is cached in a mount between runs.
+"""
 
 
-def locked_venv(folder: Path, base: str) -> Path | None:
-    """A venv of `base` holding the image's own package set (its lock, from the wheelhouse
-    when there is one), so it and the image import the same code and only where it lives
-    differs; made once. None if the lock cannot be installed."""
-    py = folder / "bin" / "python"
-    if py.exists():
-        return py
-    subprocess.run([base, "-m", "venv", str(folder)], check=True)
-    wheels = ROOT / ".wheelhouse"
-    src = ["--no-index", "--find-links", str(wheels)] if wheels.is_dir() else []
-    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--require-hashes",
-                        *src, "-r", str(ROOT / "container" / "requirements.lock")], check=False)
-    if r.returncode:
-        shutil.rmtree(folder)
-        return None
-    return py
+def image() -> Path:
+    """./aurora.sif, built (or found up to date) through the project's own command."""
+    subprocess.run([sys.executable, "-m", "parsl_aurora.image", "build"], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+    return SIF
 
 
-def _locked(folder: Path) -> Path:
-    py = locked_venv(folder, base_python())
-    if py is None:
-        raise SystemExit("cannot install container/requirements.lock into a venv")
-    return py
+def home(user: str | None) -> dict[str, str]:
+    """The environment for `user`: apptainer binds $HOME, and root's is closed to others."""
+    if not user:
+        return dict(os.environ)
+    folder = WORK / f"home-{user}"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.chown(folder, user)
+    return {**os.environ, "HOME": str(folder)}
 
 
-def _venv_python() -> str:
-    """A venv of this interpreter holding the image's packages."""
-    return str(_locked(LOCKED_VENV))
+def _exec(sif: Path, *args: str) -> list[str]:
+    return ["apptainer", "exec", str(sif), "python", *args]
 
 
-def base_python() -> str:
-    return os.path.realpath(sys.executable)
+def import_parsl(runs: int, sif: Path, venv: Path) -> dict:
+    """Wall seconds of `python -c 'import parsl'`, image beside venv, as root and as nobody."""
+    cases = {}
+    for who, user in (("root", None), (UNPRIVILEGED, UNPRIVILEGED)):
+        env = {"env": home(user), "cwd": "/tmp"}
+        cases[f"venv, {who}"] = partial(harness.timed, harness.as_user(
+            user, [str(venv), "-c", IMPORT]), **env)
+        cases[f"image, {who}"] = partial(harness.timed, harness.as_user(
+            user, _exec(sif, "-c", IMPORT)), **env)
+        # Apptainer's own start-up: the image's extra time that no Python setting can change.
+        cases[f"image, {who}, `python -c pass`"] = partial(harness.timed, harness.as_user(
+            user, _exec(sif, "-c", "pass")), **env)
+    for run in cases.values():
+        run()  # warm the page cache with every file each case reads
+    values = harness.interleave(cases, runs, "import parsl")
+    groups = [{"title": f"`{IMPORT}`, as {who}", "unit": "s", "fmt": "{:.3f}",
+               "baseline": f"venv, {who}", "labels": {k: k for k in values},
+               "cases": [f"venv, {who}", f"image, {who}", f"image, {who}, `python -c pass`"]}
+              for who in ("root", UNPRIVILEGED)]
+    return {"values": values, "groups": groups}
 
 
-def _wall(cmd: list[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+def count_stale(verbose_stderr: str) -> dict[str, int]:
+    """From `python -v`'s stderr: pycs found stale (recompiled from source) and pycs used."""
+    return {"stale": verbose_stderr.count("bytecode is stale"),
+            "used": len(re.findall(r"^# code object from '.*\.pyc'$", verbose_stderr, re.MULTILINE))}
 
 
-# The image's interpreter is Debian 12's Python 3.11.2; a host with the same one gives a venv
-# that differs from the image only by the container.
-HOST_DEBIAN_PYTHON = Path("/usr/bin/python3.11")
-DEBIAN_VENV = Path("/tmp/parsl-aurora-bench-debvenv")
-LOCKED_VENV = Path("/tmp/parsl-aurora-bench-venv")
+def pycs(sif: Path, venv: Path) -> str:
+    """A table: `python -v -c 'import parsl'` in a fresh exec, pycs stale and used."""
+    rows = []
+    for label, user, cmd in (("image, root", None, _exec(sif, "-v", "-c", IMPORT)),
+                             (f"image, {UNPRIVILEGED}", UNPRIVILEGED,
+                              _exec(sif, "-v", "-c", IMPORT)),
+                             ("venv, root", None, [str(venv), "-v", "-c", IMPORT])):
+        r = subprocess.run(harness.as_user(user, cmd), env=home(user), cwd="/tmp",
+                           capture_output=True, text=True, check=True)
+        n = count_stale(r.stderr)
+        sqla = subprocess.run(harness.as_user(user, [*cmd[:-3], "-c", SQLALCHEMY]),
+                              env=home(user), cwd="/tmp", capture_output=True, text=True,
+                              check=True).stdout.strip()
+        rows.append([label, str(n["stale"]), str(n["used"]), sqla])
+    return ("`python -v -c 'import parsl'` in a fresh exec: lines saying `bytecode is stale` "
+            "(a pyc that Python ignores and recompiles in memory) and pycs loaded; and whether "
+            "`import parsl` imports SQLAlchemy there:\n\n"
+            + harness.md_table(["where", "stale pycs", "pycs used", "imports SQLAlchemy"],
+                               rows, right=(1, 2)))
 
 
-def debian_venv() -> Path | None:
-    """A venv of the host's Debian Python with the same Parsl, or None without one."""
-    if not HOST_DEBIAN_PYTHON.exists():
-        return None
-    return locked_venv(DEBIAN_VENV, str(HOST_DEBIAN_PYTHON))
+def first_result(runs: int, sif: Path, driver: Path) -> dict:
+    """`in_job` from parsl.load to the first result as nobody: workers in the image
+    (`container=`, via $PARSL_CONTAINER) beside the same config from a venv."""
+    script = str(Path(__file__).with_name("first_result.py"))
+    env = {**harness.python_env(driver), "HOME": home(UNPRIVILEGED)["HOME"]}
+    env.pop("PARSL_CONTAINER", None)
+    cases = {"workers from the venv": partial(harness.fresh, [str(driver), script, "--one",
+                                                              "in_job"], env, UNPRIVILEGED),
+             "workers in the image": partial(harness.fresh, [str(driver), script, "--one",
+                                                             "in_job"],
+                                             {**env, "PARSL_CONTAINER": str(sif)}, UNPRIVILEGED)}
+    values = harness.interleave(cases, runs, "first result, container=")
+    return {"values": values, "groups": [{
+        "title": f"First result, `in_job`, as {UNPRIVILEGED}", "unit": "s",
+        "baseline": "workers from the venv", "cases": list(cases), "targets": {
+            "workers in the image": [Target(IMAGE_OVER_VENV, of="workers from the venv")
+                                     .as_dict()]}}]}
 
 
-def overhead(runs: int = 10, sif: Path = SIF) -> dict[str, list[float]]:
-    """Wall seconds per run, the cases interleaved run by run (one warm-up each first)."""
-    img = ["apptainer", "exec", str(sif), "python"]
-    deb = debian_venv()
-    cases = {
-        "venv": [_venv_python(), "-c", "import parsl"],
-        "image": [*img, "-c", "import parsl"],
-        **({"venv of the host's Debian Python 3.11.2 (the image's interpreter)":
-            [str(deb), "-c", "import parsl"]} if deb else {}),
-        # Diagnostics: "never" skips any pyc hash check; the image's unchecked-hash pycs should
-        # make it no faster than the plain image row.
-        "image, pycs unchecked": [*img, "--check-hash-based-pycs", "never", "-c", "import parsl"],
-        "venv: python -c pass": [_venv_python(), "-c", "pass"],
-        "image: python -c pass": [*img, "-c", "pass"],
-        # One mount kept up: squashfs's cache of decompressed files stays warm between execs.
-        INSTANCE_CASE: ["apptainer", "exec", f"instance://{INSTANCE}", "python", "-c",
-                        "import parsl"],
-    }
-    subprocess.run(["apptainer", "instance", "start", str(sif), INSTANCE], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for cmd in cases.values():
-            _wall(cmd)  # warm the page cache (and the instance's mount)
-        out: dict[str, list[float]] = {c: [] for c in cases}
-        for _ in range(runs):
-            for c, cmd in cases.items():
-                out[c].append(_wall(cmd))
-    finally:
-        subprocess.run(["apptainer", "instance", "stop", INSTANCE], check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return out
+# ---------------------------------------------------------------- shared-file-system pressure
 
-
-INSTANCE = f"parsl-aurora-bench-{os.getpid()}"
-INSTANCE_CASE = "image, in a running instance (`apptainer exec instance://...`)"
-
-
-# 1234 openat(AT_FDCWD, "/path", ...) = 3   |   1234 stat("/path", ...   |   <... resumed> lines
-_CALL = re.compile(r'^(?:\[pid\s+)?\d*\]?\s*(\w+)\((.*)$')
+# 1234 openat(AT_FDCWD, "/path", ...) = 3   |   [pid 1234] stat("/path", ...
+_CALL = re.compile(r'^(?:\[pid\s+\d+\]\s*|\d+\s+)?(\w+)\((.*)$')
 _STR = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 
-def count_under(trace: str, folder: Path) -> tuple[int, dict[str, int]]:
-    """Syscalls whose (first) path argument lies under folder; and the count per syscall."""
-    prefix = str(folder).rstrip("/")
-    by_call: dict[str, int] = {}
+def count_under(trace: str, folder: str) -> dict[str, int]:
+    """{syscall: calls} of an `strace -f` log whose first path argument lies under folder."""
+    prefix, out = folder.rstrip("/"), {}
     for line in trace.splitlines():
-        if "resumed>" in line:
-            continue  # the path was on the <unfinished ...> half
         m = _CALL.match(line.strip())
-        if not m:
-            continue
-        s = _STR.search(m.group(2))
+        # A `<... call resumed>` line has no `call(`: the path was on its <unfinished> half.
+        s = _STR.search(m.group(2)) if m else None
         if s and (s.group(1) == prefix or s.group(1).startswith(prefix + "/")):
-            by_call[m.group(1)] = by_call.get(m.group(1), 0) + 1
-    return sum(by_call.values()), by_call
-
-
-def strace_count(cmd: list[str], folder: Path = SHARED) -> tuple[int, dict[str, int]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "trace"
-        subprocess.run([STRACE, "-f", "-e", "trace=%file,getdents64", "-o", str(out), *cmd],
-                       check=True, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return count_under(out.read_text(errors="replace"), folder)
-
-
-def prepare_shared(shared: Path = SHARED, sif: Path = SIF) -> tuple[Path, Path]:
-    """A venv with the image's packages, and a copy of the SIF, under shared."""
-    venv = shared / "venv"
-    shared.mkdir(parents=True, exist_ok=True)
-    _locked(venv)
-    shared_sif = shared / "aurora.sif"
-    if not shared_sif.exists() or shared_sif.stat().st_mtime < sif.stat().st_mtime:
-        shutil.copy2(sif, shared_sif)
-    return venv, shared_sif
-
-
-def syscalls(shared: Path = SHARED, sif: Path = SIF) -> dict[str, dict[str, object]]:
-    """{import label: {"venv": n, "image": n, "image_calls": {...}}}."""
-    venv, shared_sif = prepare_shared(shared, sif)
-    out: dict[str, dict[str, object]] = {}
-    for label, code in IMPORTS.items():
-        nv, _ = strace_count([str(venv / "bin" / "python"), "-c", code], shared)
-        ni, calls = strace_count(["apptainer", "exec", str(shared_sif), "python", "-c", code],
-                                 shared)
-        out[label] = {"venv": nv, "image": ni, "image_calls": calls}
+            out[m.group(1)] = out.get(m.group(1), 0) + 1
     return out
 
 
-def _build(repo: Path, image: Path) -> float:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "parsl_aurora.image", "build", "--force",
-                    "--image", str(image)], cwd=repo, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+def _strace(cmd: list[str]) -> dict[str, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "trace"
+        subprocess.run([STRACE, "-f", "-e", "trace=%file,getdents64", "-o", str(log), *cmd],
+                       check=True, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return count_under(log.read_text(errors="replace"), str(SHARED))
 
 
-def copy_repo(dest: Path) -> Path:
-    """git clone of ROOT plus its uncommitted changes and its wheelhouse (cached wheels)."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(dest)], check=True)
-    changed = subprocess.run(["git", "status", "--porcelain", "-uall"], cwd=ROOT, check=True,
-                             capture_output=True, text=True).stdout.splitlines()
-    for line in changed:
-        rel = line[3:].split(" -> ")[-1]
-        src, dst = ROOT / rel, dest / rel
-        if src.is_file():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
-        elif not src.exists() and dst.exists():
-            dst.unlink()
-    if (ROOT / ".wheelhouse").is_dir():
-        shutil.copytree(ROOT / ".wheelhouse", dest / ".wheelhouse", dirs_exist_ok=True)
-    return dest
+def syscalls(sif: Path) -> str:
+    """A table: metadata calls under SHARED for `import parsl` from a venv and from the image
+    there (as root: strace cannot follow the setuid starter for an ordinary user)."""
+    venv = harness.locked_venv(SHARED)
+    copy = SHARED / "aurora.sif"
+    if not copy.exists() or copy.stat().st_mtime < sif.stat().st_mtime:
+        shutil.copy2(sif, copy)
+    rows = []
+    for label, cmd in (("venv", [str(venv), "-c", IMPORT]),
+                       ("image", ["apptainer", "exec", str(copy), "python", "-c", IMPORT])):
+        calls = _strace(cmd)
+        rows.append([label, str(sum(calls.values())),
+                     ", ".join(f"{k} {n}" for k, n in sorted(calls.items()))])
+    return (f"File-system calls (`strace -f -e trace=%file,getdents64`, as root) whose path lies "
+            f"under `{SHARED}`, a pretend shared file system holding a venv of the image's "
+            "packages and a copy of the SIF, for `python -c 'import parsl'` from each (the "
+            "venv's interpreter and stdlib live outside it, so its count is a lower bound; "
+            "reads from the open SIF are not path calls):\n\n"
+            + harness.md_table(["from", "calls", "by call"], rows, right=(1,)))
 
 
-def image(builds: int = 1, repo: Path = Path("/tmp/benchrepo")) -> dict[str, object]:
-    """SIF size; cold build and code-only rebuild times (seconds), in a copy of the repo.
-
-    The wheelhouse is copied in (cached), so "cold" means: no image yet, wheels on disk.
-    The code-only change appends a comment to src/parsl_aurora/__init__.py in the copy.
-    """
-    copy_repo(repo)
-    sif = repo / "bench.sif"
-    cold, rebuild = [], []
-    for i in range(builds):
-        sif.unlink(missing_ok=True)
-        cold.append(_build(repo, sif))
-        init = repo / "src" / "parsl_aurora" / "__init__.py"
-        init.write_text(init.read_text() + f"# benchmark rebuild {i} {time.time()}\n")
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "parsl_aurora.image", "build", "--image", str(sif)],
-                       cwd=repo, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        rebuild.append(time.perf_counter() - start)
-    return {"size": SIF.stat().st_size, "built_size": sif.stat().st_size,
-            "cold": cold, "rebuild": rebuild}
+def measure(runs: int = RUNS, first_runs: int = FIRST_RUNS, parts=PARTS) -> dict:
+    sif = image()
+    values, groups, notes = {}, [], []
+    locked = harness.locked_venv()
+    if "import" in parts:
+        r = import_parsl(runs, sif, locked)
+        values.update(r["values"])
+        groups += r["groups"]
+    if "first" in parts:
+        r = first_result(first_runs, sif, harness.user_venv())
+        values.update(r["values"])
+        groups += r["groups"]
+    if "pycs" in parts:
+        notes.append(pycs(sif, locked))
+    if "syscalls" in parts and Path(STRACE).exists():
+        notes.append(syscalls(sif))
+    return {"about": ABOUT.format(python=harness.DEBIAN_PYTHON, user=UNPRIVILEGED),
+            "runs": runs, "first_runs": first_runs, "values": values, "groups": groups,
+            "notes": notes}
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--builds", type=int, default=0, help="cold builds to time (0: skip)")
-    args = p.parse_args()
-    oh = overhead(args.runs)
-    v, i = statistics.median(oh["venv"]), statistics.median(oh["image"])
-    print(f"import parsl: venv {v:.3f} s, image {i:.3f} s, ratio {i / v:.2f}")
-    for label, r in syscalls().items():
-        print(f"syscalls under {SHARED} ({label}): venv {r['venv']}, image {r['image']} "
-              f"{r['image_calls']}")
-    print(f"SIF {SIF.stat().st_size / 1e6:.1f} MB")
-    if args.builds:
-        print(json.dumps(image(args.builds)))
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=RUNS, help="runs of each command")
+    p.add_argument("--first-runs", type=int, default=FIRST_RUNS, help="first-result runs")
+    p.add_argument("--only", default=",".join(PARTS), help="comma-separated")
+    a = p.parse_args()
+    print(harness.report("The image at run time",
+                         measure(a.runs, a.first_runs, a.only.split(","))))
     return 0
 
 

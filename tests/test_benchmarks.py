@@ -1,0 +1,195 @@
+"""The benchmark harness's pure parts: statistics, verdicts, tables, stand-in PBS commands."""
+
+import importlib
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """The benchmark modules, imported from benchmarks/ as its scripts import each other."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    return SimpleNamespace(**{m: importlib.import_module(m) for m in
+                              ("harness", "configs", "scheduler", "container", "run_all")})
+
+
+def test_quartiles_are_the_middle_half(bench):
+    assert bench.harness.quartiles([5, 1, 3, 2, 4]) == (2, 4)
+    assert bench.harness.quartiles([7.0]) == (7.0, 7.0)
+
+
+def test_ratios_pair_run_i_with_run_i(bench):
+    assert bench.harness.paired_ratios([2, 6, 3], [1, 3, 6]) == [2, 2, 0.5]
+
+
+@pytest.mark.parametrize("values, target, expected", [
+    ([0.90, 0.95, 1.00, 1.02, 1.04], {"limit": 1.05}, "yes"),
+    ([1.06, 1.10, 1.20, 1.30, 1.50], {"limit": 1.05}, "no"),
+    # Q1 1.00 meets the target, Q3 1.10 does not: the runs cannot say.
+    ([0.90, 1.00, 1.05, 1.10, 1.40], {"limit": 1.05}, "within noise (1.00-1.10)"),
+    ([0.90, 1.00, 1.05, 1.10, 1.40], {"limit": 0.95, "better": "higher"}, "yes"),
+    ([0.80, 0.90, 1.00, 1.10, 1.20], {"limit": 0.95, "better": "higher"},
+     "within noise (0.90-1.10)"),
+    ([0.80, 0.85, 0.90, 0.91, 2.00], {"limit": 0.95, "better": "higher"}, "no"),
+])
+def test_verdict_says_within_noise_when_the_middle_half_straddles_the_target(
+        bench, values, target, expected):
+    assert bench.harness.verdict(values, bench.harness.Target(**target)) == expected
+
+
+def test_relative_target_is_judged_on_paired_ratios_not_on_medians(bench):
+    # The case is slower than its baseline in every run (ratio 1.2), though the spread of each
+    # case alone overlaps the other's: pairing the interleaved runs separates them.
+    values = {"base": [1.0, 2.0, 3.0, 4.0, 5.0], "case": [1.2, 2.4, 3.6, 4.8, 6.0]}
+    t = bench.harness.Target(1.05, of="base")
+    figure, holds = bench.harness.judged(values, "case", t)
+    assert (round(figure, 3), holds) == (1.2, "no")
+
+
+def test_group_table_is_rendered_whole(bench):
+    h = bench.harness
+    group = {"unit": "s", "baseline": "tuned", "cases": ["tuned", "mode"],
+             "labels": {"tuned": "hand-tuned"},
+             "targets": {"mode": [h.Target(1.05, of="tuned").as_dict(), h.Target(1.5).as_dict()]}}
+    values = {"tuned": [1.0, 2.0, 1.0], "mode": [1.0, 2.2, 1.2]}
+    assert h.group_table(group, values).splitlines() == [
+        "| case | median (s) | min-max | runs | ratio to `tuned` | target | holds |",
+        "| --- | ---: | --- | --- | ---: | --- | --- |",
+        "| hand-tuned | 1.00 | 1.00-2.00 | 1.00 2.00 1.00 | 1.00 | - | - |",
+        ("| `mode` | 1.20 | 1.00-2.20 | 1.00 2.20 1.20 | 1.10 | <= 1.05x `tuned`; <= 1.5 s | "
+         "within noise (1.05-1.15); within noise (1.10-1.70) |"),
+    ]
+    group["caveats"] = {"mode": "it failed"}
+    assert h.group_table(group, values).endswith(
+        "within noise (1.05-1.15); within noise (1.10-1.70); it failed |")
+    assert h.summary_rows("First result", group, values) == [
+        ["First result, `mode`", "1.10x", "<= 1.05x `tuned`",
+         "within noise (1.05-1.15); it failed"],
+        ["First result, `mode`", "1.20 s", "<= 1.5 s", "within noise (1.10-1.70); it failed"]]
+
+
+def test_interleave_rotates_the_first_case_each_round(bench):
+    order = []
+    cases = {c: (lambda c=c: order.append(c) or len(order)) for c in "abc"}
+    values = bench.harness.interleave(cases, 3)
+    assert order == list("abc" "bca" "cab")
+    assert values == {"a": [1, 6, 8], "b": [2, 4, 9], "c": [3, 5, 7]}
+
+
+def test_lock_pins_keep_name_and_version_only(bench):
+    lock = ("# header\ncertifi==2024.12.14 \\\n    --hash=sha256:12 \\\n    # via requests\n"
+            "parsl==2025.1.13 \\\n    --hash=sha256:34\n")
+    assert bench.harness.lock_pins(lock) == "certifi==2024.12.14\nparsl==2025.1.13\n"
+
+
+def test_refusing_qsub_answers_as_pbs_and_logs_the_call(bench, tmp_path):
+    s = bench.scheduler
+    log = tmp_path / "calls.log"
+    script = tmp_path / "qsub"
+    script.write_text(s.standin("qsub", "/nonexistent/qsub", str(log),
+                                s.SCENARIOS["qsub refused"]["qsub"]))
+    script.chmod(0o755)
+    r = subprocess.run([str(script), "-q", "debug", "job.sh"], capture_output=True, text=True,
+                       check=False)
+    assert (r.returncode, r.stdout, r.stderr) == (
+        38, "", "qsub: would exceed queue generic's per-user limit\n")
+    stamp, command = log.read_text().split()
+    assert command == "qsub" and float(stamp) > 0
+
+
+def test_failing_qstat_prints_only_the_json_header_and_exits_255(bench, tmp_path):
+    import json
+
+    s = bench.scheduler
+    script = tmp_path / "qstat"
+    script.write_text(s.standin("qstat", "/nonexistent", str(tmp_path / "log"),
+                                s.SCENARIOS["qstat fails (JSON header, exit 255)"]["qstat"]))
+    script.chmod(0o755)
+    r = subprocess.run([str(script), "-f", "-F", "json", "1.server"], capture_output=True,
+                       text=True, check=False)
+    assert r.returncode == 255
+    assert set(json.loads(r.stdout)) == {"timestamp", "pbs_version", "pbs_server"}
+    assert r.stderr.splitlines()[-1].startswith("qstat: cannot connect to server ")
+    garbage = s.SCENARIOS["qstat prints non-JSON"]["qstat"][1]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(garbage)
+
+
+def test_forwarding_standin_runs_the_real_command_with_its_arguments(bench, tmp_path):
+    real = tmp_path / "real"
+    real.write_text('#!/bin/sh\necho "real $*"\nexit 3\n')
+    real.chmod(0o755)
+    script = tmp_path / "qdel"
+    script.write_text(bench.scheduler.standin("qdel", str(real), str(tmp_path / "log"), None))
+    script.chmod(0o755)
+    r = subprocess.run([str(script), "-W", "force", "7.x"], capture_output=True, text=True,
+                       check=False)
+    assert (r.returncode, r.stdout) == (3, "real -W force 7.x\n")
+
+
+def test_calls_counts_each_command_inside_the_window_only(bench):
+    log = "99.9 qsub\n100.0 qsub\n100.5 qstat\n159.9 qdel\n160.0 qsub\n"
+    assert bench.scheduler.calls(log, 100.0, 60) == {"qsub": 1, "qstat": 1, "qdel": 1}
+
+
+def test_a_workflow_that_gave_up_is_named_beside_its_verdict(bench):
+    details = {"qsub refused / multi_job": [
+                   {"state": "running"},
+                   {"state": "failed: TooManyJobFailuresError: Error 1:"}],
+               "qsub refused / tuned_pbs": [{"state": "running"}]}
+    assert bench.scheduler.failures(details) == {
+        "qsub refused / multi_job": "the workflow failed: TooManyJobFailuresError"}
+
+
+def test_count_stale_reads_python_verbose_output(bench):
+    err = ("# /x/__pycache__/a.cpython-311.pyc matches /x/a.py\n"
+           "# code object from '/x/__pycache__/a.cpython-311.pyc'\n"
+           "# bytecode is stale for 'b'\n"
+           "# code object from '/x/__pycache__/stale.cpython-311.pyc'\n")
+    assert bench.container.count_stale(err) == {"stale": 1, "used": 2}
+
+
+def test_count_under_keeps_calls_whose_path_is_in_the_folder(bench):
+    trace = [
+        '12 openat(AT_FDCWD, "/shared/venv/lib/x.py", O_RDONLY) = 3',
+        '[pid 13] newfstatat(AT_FDCWD, "/shared", {st_mode=S_IFDIR}, 0) = 0',
+        '12 openat(AT_FDCWD, "/sharedother/y", O_RDONLY) = 3',
+        '12 <... readlink resumed>"/shared/venv/bin/python3", 4096) = 24',
+        '12 stat("/usr/lib/python3.11/os.py", ...) = 0',
+    ]
+    assert bench.container.count_under("\n".join(trace), "/shared/") == {"openat": 1, "newfstatat": 1}
+
+
+def test_document_header_states_the_run_counts_of_the_results(bench):
+    h = bench.harness
+    result = {"about": "About.", "runs": 3, "latency_runs": 4, "measured": "2026-01-01 00:00",
+              "seconds": 12.0, "load": 1.5, "machine": "test machine",
+              "values": {"multi_job": [1.0, 2.0, 3.0]},
+              "groups": [{"title": "Calls", "unit": "calls/min", "fmt": "{:.0f}",
+                          "cases": ["multi_job"], "targets": {
+                              "multi_job": [h.Target(10).as_dict()]}}]}
+    doc = bench.run_all.render({"scheduler": result})
+    assert "Machine: test machine." in doc
+    assert ("| Scheduler calls while PBS refuses or fails | runs 3, latency runs 4 | "
+            "2026-01-01 00:00 | 12 | 1.5 |") in doc
+    assert ("| Scheduler calls while PBS refuses or fails: Calls, `multi_job` | 2 calls/min | "
+            "<= 10 calls/min | yes |") in doc
+
+
+def test_hand_tuned_htex_starts_twelve_workers_on_this_machine(bench):
+    # Parsl's pool starts min(max_workers_per_node, CPUs // cores_per_worker) workers; the
+    # baseline must run the modes' 12 whatever this machine's CPU count.
+    import math
+    import os
+
+    from parsl.providers import LocalProvider
+
+    htex = bench.configs._htex(LocalProvider())
+    cpus = os.cpu_count()
+    assert min(htex.max_workers_per_node, math.floor(cpus / htex.cores_per_worker)) == 12
+    assert len(htex.available_accelerators) == 12 and htex.encrypted
