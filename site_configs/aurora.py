@@ -28,7 +28,6 @@ QUEUES = {
 
 SITE = Site(
     name="aurora",
-    node=AURORA,
     queues=QUEUES,
     cores_per_worker=8,
     # mpiexec lengthens TMPDIR past the AF_UNIX path limit on ALCF systems (Parsl #3947).

@@ -38,7 +38,6 @@ FAKE_STACK = HostStack(env=(("PARSL_AURORA_PYTHON", "python3"), ("PARSL_AURORA_H
 def site(n: Node) -> Site:
     return Site(
         name="local",
-        node=n,
         queues=QUEUES,
         cores_per_worker=_cores_per_worker(n),
         # The fake PALS maps Aurora's CPU ids onto this machine: jobs are Aurora nodes to it.

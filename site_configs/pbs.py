@@ -27,7 +27,6 @@ def site(n: Node) -> Site:
     pals_bin = os.environ.get("PARSL_AURORA_PALS_BIN") or str(fake.bin_dir())
     return Site(
         name="pbs",
-        node=n,
         queues=QUEUES,
         cores_per_worker=_cores_per_worker(n),
         # The look-alike's nodes are Aurora's to PBS (208 CPUs) and to the fake PALS.

@@ -79,7 +79,7 @@ def block_setup(stack: HostStack, extra_binds: Iterable[str] = ()) -> str:
 PARSL_LABELS = ("org.parsl-project.parsl.version", "parsl.version")
 
 
-def _escape_braces(text: str, times: int) -> str:
+def escape_braces(text: str, times: int) -> str:
     """Protect literal braces from `times` rounds of str.format (each round halves them)."""
     n = 2 ** times
     return text.replace("{", "{" * n).replace("}", "}" * n)
@@ -102,7 +102,7 @@ def wrap_launch_cmd(launch_cmd: str, image: str, binds: Iterable[str] = (),
     Parsl formats launch_cmd twice (executor fields at start, then `block_id` per block), so the
     prefix's literal braces are quadrupled while the template's own fields stay as they are.
     """
-    return _escape_braces(apptainer_prefix(image, binds, options), 2) + " " + launch_cmd
+    return escape_braces(apptainer_prefix(image, binds, options), 2) + " " + launch_cmd
 
 
 # --- reading what an image holds (runs apptainer) -------------------------------------------

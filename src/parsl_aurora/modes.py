@@ -68,7 +68,6 @@ class Site:
     """Everything that differs between machines; the modes below are the same everywhere."""
 
     name: str
-    node: Node
     queues: Mapping[str, Queue] = field(default_factory=dict)
     # Physical cores each worker is pinned to; None pins nothing (cpu_affinity="none").
     cores_per_worker: int | None = 8
@@ -309,7 +308,7 @@ def _block(site: Site, node: Node, mode: str, *, worker_init: str, run_dir: str,
     if image:
         command = ctr.wrap_launch_cmd(command, image)
     # Literal braces would meet Parsl's two rounds of str.format: quadruple them.
-    cd = ctr._escape_braces(f"cd {shlex.quote(str(here))} && ", 2)
+    cd = ctr.escape_braces(f"cd {shlex.quote(str(here))} && ", 2)
     return Block("\n".join(s for s in lines if s), cd + command, address, hierarchy)
 
 
