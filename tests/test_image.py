@@ -543,6 +543,44 @@ def test_image_with_another_parsl_fails_at_once(built_image):
         check_image_parsl(str(built_image), expected="2024.12.2")
 
 
+@needs_apptainer
+def test_own_packages_in_a_derived_image(built_image, tmp_path):
+    """EXTRA: a small real package the image lacks, locked with hashes against the image's lock
+    as of a chosen date, fetched on the host, installed offline into an image built From:
+    aurora.sif, whose own %test still passes."""
+    assert run("apptainer", "exec", str(built_image), "python", "-c",
+               "import tabulate").returncode != 0, "the image already has tabulate"
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("tabulate\n")
+    derived = tmp_path / "derived.sif"
+    cmd = (sys.executable, "-m", "parsl_aurora.image", "build", "--extra", str(reqs),
+           "--extra-date", "2025-06-01", "--extra-image", str(derived))
+    out = run(*cmd, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lock = tmp_path / "requirements.lock"
+    entries = img.lock_entries(lock.read_text())
+    assert list(entries) == ["tabulate"], entries  # nothing the image already pins
+    assert entries["tabulate"].startswith("tabulate==0.9.0 ") and "--hash=sha256:" in \
+        entries["tabulate"]
+    assert img.extra_lock_date(lock.read_text()) == "2025-06-01"
+
+    out = run("apptainer", "exec", str(derived), "python", "-c",
+              "import tabulate, parsl; print(tabulate.__version__, parsl.__version__)")
+    assert out.stdout.split() == ["0.9.0", "2025.01.13"], out.stderr
+    out = run("apptainer", "test", str(derived))
+    assert out.returncode == 0 and "parsl 2025.1.13" in out.stdout, out.stdout + out.stderr
+    got = labels(derived)
+    assert got["parsl-aurora.extra-lock-sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+    assert got["parsl-aurora.extra-exclude-newer"] == "2025-06-01"
+    assert got["org.opencontainers.image.revision"] == labels(built_image)[
+        "org.opencontainers.image.revision"]
+
+    before = (lock.stat().st_mtime_ns, derived.stat().st_mtime_ns)
+    out = run(*cmd, cwd=ROOT)  # same inputs: the lock and the image are reused
+    assert out.returncode == 0 and "is up to date" in out.stdout, out.stdout + out.stderr
+    assert (lock.stat().st_mtime_ns, derived.stat().st_mtime_ns) == before
+
+
 def test_build_without_apptainer_says_how_to_get_it(tmp_path):
     """No apptainer on PATH: one line naming the installer, non-zero exit, nothing built."""
     out = run(sys.executable, "-m", "parsl_aurora.image", "--root", str(ROOT), "build",

@@ -823,6 +823,9 @@ def main(argv: list[str] | None = None) -> int:
                         "beside the file as NAME.lock")
     b.add_argument("--extra-date", default=None, metavar="YYYY-MM-DD",
                    help="resolve --extra as of this day (default: the lock's, or today)")
+    b.add_argument("--extra-image", type=Path, default=None, metavar="PATH",
+                   help="where the --extra image goes (default: aurora-NAME.sif beside the "
+                        "image)")
     a = p.parse_args(argv)
 
     def run() -> int:
@@ -838,7 +841,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not extra.is_file():
                     raise ConfigError("EXTRA", str(a.extra), "an existing requirements file",
                                       "e.g. EXTRA=requirements.txt, one package per line")
-                out = image.with_name(f"{image.stem}-{extra.stem}.sif")
+                out = (a.extra_image or image.with_name(f"{image.stem}-{extra.stem}.sif"))
+                out = out.resolve()
                 build_extra(root, extra, image, out, date=a.extra_date, force=a.force)
         except subprocess.CalledProcessError as e:
             cmd = e.cmd if isinstance(e.cmd, str) else shlex.join(map(str, e.cmd))
