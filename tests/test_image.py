@@ -504,7 +504,7 @@ def test_monitoring_with_the_driver_in_the_image(stage):
     """monitoring=True in the image: the driver finds SQLAlchemy off the default path, the
     database holds every task, and no worker imported SQLAlchemy."""
     (stage / "monitored.py").write_text(MONITORED)
-    out, run_dir = in_image(stage, "../monitored.py", "in_job")
+    out, _ = in_image(stage, "../monitored.py", "in_job")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["[False]", "True", "6", "6"], out.stdout
 
@@ -536,7 +536,7 @@ def test_container_option_puts_host_driven_workers_in_the_image(built_image, tmp
 @needs_apptainer
 def test_image_with_another_parsl_fails_at_once(built_image):
     from parsl_aurora.container import check_image_parsl
-    from parsl_aurora.errors import ConfigError, ImageError
+    from parsl_aurora.errors import ImageError
 
     with pytest.raises(ImageError, match="holds parsl 2025.1.13, but this workflow runs parsl "
                                          "2024.12.2"):

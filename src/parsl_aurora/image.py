@@ -188,7 +188,7 @@ def pinned_versions(lock_text: str) -> dict[str, str]:
             for name, entry in lock_entries(lock_text).items() if "==" in entry}
 
 
-LAYOUT_RE = re.compile(r"^# image layout: monitoring=(\S*) build=(\S*)$", re.M)
+LAYOUT_RE = re.compile(r"^# image layout: monitoring=(\S*) build=(\S*)$", re.MULTILINE)
 
 
 def with_layout(lock_text: str, monitoring: Iterable[str], build: Iterable[str]) -> str:
@@ -230,7 +230,7 @@ def download_command(python: str, requirements: str, dest: str) -> list[str]:
 
 # ---------------------------------------------------------------- pure: a user's own packages
 EXTRA_HEAD_RE = re.compile(r"^# extra lock: input=(\w+) image-lock=(\w+) exclude-newer=(\S+)$",
-                           re.M)
+                           re.MULTILINE)
 
 
 def extra_lock_path(requirements: Path) -> Path:
@@ -730,10 +730,9 @@ def build(root: Path, image: Path, *, bootstrap: str | None = None,
     mirror = _host_mirror() if bootstrap == "debootstrap" else "unused-by-docker"
     want = stamp(root, [bootstrap, base, mirror, prov.commit, str(prov.source_date_epoch),
                         str(prov.base_source_date_epoch), apptainer_version(), SQUASHFS_ARGS])
-    if image.exists() and not force:
-        if image_labels(image).get(LABEL_STAMP) == want:
-            print(f"{image} is up to date (stamp {want[:12]}); --force rebuilds", flush=True)
-            return image
+    if image.exists() and not force and image_labels(image).get(LABEL_STAMP) == want:
+        print(f"{image} is up to date (stamp {want[:12]}); --force rebuilds", flush=True)
+        return image
     base_sif = ensure_base(root, bootstrap=bootstrap, base=base, mirror=mirror,
                            source_date_epoch=prov.base_source_date_epoch)
     fill_project_wheelhouse(root, prov.source_date_epoch)

@@ -23,8 +23,9 @@ from parsl_aurora.errors import ImageError, run_main
 
 PACKAGES = ("import importlib.metadata as m; "
             "print('\\n'.join(sorted(f'{d.name}=={d.version}' for d in m.distributions())))")
-LEVELS = (("packages", "(a) installed packages"), ("files", "(b) every file (path, mode, "
-          "sha256)"), ("bytes", "(c) the SIF's bytes (sha256)"))
+LEVELS = (("packages", "(a) installed packages"),
+          ("files", "(b) every file (path, mode, sha256)"),
+          ("bytes", "(c) the SIF's bytes (sha256)"))
 
 
 def squashfs_id(sif_list: str) -> str:
