@@ -751,9 +751,9 @@ def lock_extra(root: Path, requirements: Path, date: str) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         constraints, resolved = Path(tmp, "constraints.txt"), Path(tmp, "resolved.lock")
         constraints.write_text(constraints_text(image_lock))
-        try:
-            _run(extra_lock_command(_uv(), date, str(constraints), str(requirements.resolve()),
-                                    str(resolved), _index_args()), root)
+        try:  # run beside the file: the lock's `# via -r NAME` then names no host folder
+            _run(extra_lock_command(_uv(), date, str(constraints), requirements.name,
+                                    str(resolved), _index_args()), requirements.parent)
         except subprocess.CalledProcessError:
             raise ImageError(f"EXTRA={requirements}: cannot be resolved as of {date} together "
                              f"with the image's packages ({LOCK}; uv's reasons above). Fix: "
