@@ -219,9 +219,11 @@ def _monitoring_importable() -> None:
             from parsl.monitoring.db_manager import dbm_starter
 
             hub.dbm_starter, hub._db_manager_excepts = dbm_starter, None
-    if importlib.util.find_spec("sqlalchemy") is None:
+    try:
+        import sqlalchemy  # noqa: F401
+    except ImportError:
         raise ConfigError("monitoring", True, "Parsl's monitoring extra installed",
-                          "pip install 'parsl-aurora[monitoring]' or run in the image")
+                          "pip install 'parsl-aurora[monitoring]' or run in the image") from None
 
 
 def _config(executor, *, retries: int, run_dir: str, resume: bool, monitoring: bool):
