@@ -26,8 +26,8 @@ demo: $(NOX) ## run examples/workflow.py on the fake cluster
 bench: $(NOX) ## benchmark against hand-tuned Parsl, rewrite docs/benchmarks.md [ARGS=--quick]
 	$(NOX) -s bench -- $(ARGS)
 
-image: $(NOX) ## build aurora.sif with apptainer (reused when unchanged)
-	$(NOX) -s image -- $(ARGS)
+image: $(NOX) ## build aurora.sif (reused when unchanged); EXTRA=requirements.txt [EXTRA_DATE=] adds yours
+	$(NOX) -s image -- $(if $(EXTRA),--extra $(EXTRA)) $(if $(EXTRA_DATE),--extra-date $(EXTRA_DATE)) $(ARGS)
 
 lock: $(NOX) ## recompile container/requirements.lock from pyproject.toml
 	$(NOX) -s lock
@@ -42,4 +42,4 @@ install-apptainer: ## install apptainer on Debian 12 (root; CI runs this)
 	bash .ci/install-apptainer
 
 clean: ## remove tool and session environments, run directories and the image
-	rm -rf $(TOOLS) .nox runinfo .wheelhouse aurora.sif aurora.sif.partial
+	rm -rf $(TOOLS) .nox runinfo .wheelhouse .image-cache aurora.sif aurora.sif.partial

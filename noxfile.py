@@ -50,8 +50,9 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, default=bool(shutil.which("apptainer")))
 def image(session: nox.Session) -> None:
-    """Build aurora.sif with apptainer (reused while its inputs are unchanged)."""
-    session.install("pip", ".[image]")  # pip fetches the wheelhouse; [image] pins spython
+    """Build aurora.sif with apptainer (base layer cached; -- --extra requirements.txt)."""
+    # pip fetches the wheelhouses; [image] pins spython and the setuptools that builds our wheel
+    session.install("pip", ".[image]")
     session.run("python", "-m", "parsl_aurora.image", "build", *session.posargs)
 
 
@@ -78,6 +79,6 @@ def pull(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, default=False)
 def reproducible(session: nox.Session) -> None:
-    """Build the image twice from clean and compare packages, files and squashfs digest."""
+    """Build twice from clean and compare bytes (-- --against aurora.sif: rebuild, compare)."""
     session.install("pip", ".[image]")
     session.run("python", "-m", "parsl_aurora.reproducible", *session.posargs)

@@ -7,8 +7,10 @@ Image tests are marked `apptainer`; skipped only where apptainer is not on PATH 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 from conftest import ROOT, needs_apptainer
 
 from parsl_aurora import image as img
-from parsl_aurora.errors import ImageError
+from parsl_aurora.errors import ConfigError, ImageError
 from parsl_aurora.image import parsl_pin
 
 PARSL = parsl_pin((ROOT / "pyproject.toml").read_text())
@@ -36,9 +38,11 @@ test = ["pytest>=8"]
 
 def test_parsl_pin_and_lock_inputs_come_from_pyproject():
     assert parsl_pin(PYPROJECT) == "2025.1.13"
-    # The image carries the monitoring extra (the driver may run in it), not the test tools.
-    assert img.requirements_in(PYPROJECT).splitlines()[-3:] == [
-        "parsl==2025.1.13", "rich>=13", "parsl[monitoring]"]
+    # The image carries the monitoring extra (the driver may run in it) and pip, used from its
+    # wheel to install, not the test tools.
+    assert img.requirements_in(PYPROJECT).splitlines()[-4:] == [
+        "parsl==2025.1.13", "rich>=13", "parsl[monitoring]", "pip"]
+    assert img.default_requirements(PYPROJECT) == "parsl==2025.1.13\nrich>=13\n"
     assert img.exclude_newer("2025.1.13") == "2025-01-14"
     assert img.exclude_newer("2024.12.31") == "2025-01-01"
 
@@ -54,16 +58,62 @@ def test_checked_in_requirements_in_matches_pyproject():
         "container/requirements.in is stale: run `nox -s lock`"
 
 
-def test_lock_command_golden():
+def test_lock_commands_golden():
     conf = img.parse_pip_config("global.index-url='https://idx.example/simple'\n"
                                 "global.extra-index-url='file:///opt/local https://more.example'\n"
                                 ":env:.find-links='/opt/wheels'\n")
-    assert img.lock_command("uv", "2025.1.13", img.uv_index_args(conf)) == [
-        "uv", "pip", "compile", "--quiet", "--generate-hashes", "--no-header",
-        "--exclude-newer", "2025-01-14", "--python-version", "3.11",
-        "--python-platform", "x86_64-manylinux_2_28",
-        "--index-url", "https://idx.example/simple", "--extra-index-url", "https://more.example",
-        "container/requirements.in", "-o", "container/requirements.lock"]
+    index = img.uv_index_args(conf)
+    common = ["uv", "pip", "compile", "--quiet", "--no-header", "--exclude-newer", "2025-01-14",
+              "--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28",
+              "--index-url", "https://idx.example/simple", "--extra-index-url",
+              "https://more.example"]
+    assert img.lock_command("uv", "2025.1.13", index) == [
+        *common, "--generate-hashes", "container/requirements.in", "-o",
+        "container/requirements.lock"]
+    assert img.default_set_command("uv", "2025.1.13", "c.txt", "d.in", index) == [
+        *common, "--no-annotate", "-c", "c.txt", "d.in"]
+
+
+LOCK_TEXT = """\
+greenlet==3.1.1 \\
+    --hash=sha256:aa
+    # via sqlalchemy
+parsl==2025.1.13 \\
+    --hash=sha256:bb \\
+    --hash=sha256:cc
+    # via -r container/requirements.in
+pip==24.3.1 \\
+    --hash=sha256:dd
+    # via -r container/requirements.in
+SQLAlchemy==2.0.37 \\
+    --hash=sha256:ee
+    # via parsl
+"""
+
+
+def test_lock_layout_splits_the_lock_three_ways():
+    text = img.with_layout(LOCK_TEXT, {"sqlalchemy", "greenlet"}, {"pip"})
+    assert text.splitlines()[0] == "# image layout: monitoring=greenlet,sqlalchemy build=pip"
+    assert img.with_layout(text, {"greenlet"}, {"pip"}).count("# image layout:") == 1
+    assert img.split_lock(text) == {
+        "default": "parsl==2025.1.13 \\\n    --hash=sha256:bb \\\n    --hash=sha256:cc\n"
+                   "    # via -r container/requirements.in\n",
+        "monitoring": "greenlet==3.1.1 \\\n    --hash=sha256:aa\n    # via sqlalchemy\n"
+                      "SQLAlchemy==2.0.37 \\\n    --hash=sha256:ee\n    # via parsl\n",
+        "build": "pip==24.3.1 \\\n    --hash=sha256:dd\n    # via -r container/requirements.in\n",
+    }
+    assert img.constraints_text(text) == (
+        "greenlet==3.1.1\nparsl==2025.1.13\npip==24.3.1\nsqlalchemy==2.0.37\n")
+    with pytest.raises(ImageError, match="no `# image layout:` line.*nox -s lock"):
+        img.split_lock(LOCK_TEXT)
+
+
+def test_checked_in_lock_keeps_sqlalchemy_off_the_default_path():
+    parts = img.split_lock((ROOT / img.LOCK).read_text())
+    names = {k: set(img.lock_entries(v)) for k, v in parts.items()}
+    assert "parsl" in names["default"] and "sqlalchemy" in names["monitoring"]
+    assert names["build"] == {"pip"}
+    assert not names["default"] & {"sqlalchemy", "greenlet"}
 
 
 def test_apt_mirror_prefers_deb822_and_skips_security():
@@ -83,21 +133,55 @@ def test_docker_base_needs_a_digest():
 
 
 def test_build_args_make_the_labels():
-    args = img.build_args(bootstrap="debootstrap", base="debian:12-slim", mirror="http://m/debian",
-                          wheelhouse="/w", pyproject_text=PYPROJECT, lock_text=b"x",
-                          git_commit="abc", source_date_epoch=1736812800, stamp="s")
-    assert args["PARSL_VERSION"] == "2025.1.13" and args["PROJECT_VERSION"] == "0.1.0"
-    assert args["BUILD_DATE"] == "2025-01-14T00:00:00Z"
-    assert args["LOCK_SHA256"] == \
-        "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
+    args = img.build_args(base_sif=".image-cache/base-k.sif", pyproject_text=PYPROJECT,
+                          lock_text=b"x", git_commit="abc", source_date_epoch=1736812800,
+                          stamp="s")
+    assert args == {
+        "BASE": ".image-cache/base-k.sif", "WHEELHOUSE": ".wheelhouse/project",
+        "PARSL_VERSION": "2025.1.13", "PROJECT_VERSION": "0.1.0", "GIT_COMMIT": "abc",
+        "LOCK_SHA256": "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881",
+        "STAMP": "s", "SOURCE_DATE_EPOCH": "1736812800", "BUILD_DATE": "2025-01-14T00:00:00Z",
+        "LABEL_SCHEMA_DATE": "Tuesday_14_January_2025_00:00:00_UTC"}
+    assert img.base_build_args(bootstrap="debootstrap", base="debian:12-slim",
+                               mirror="http://m/debian", key="k",
+                               source_date_epoch=1736812800) == {
+        "BOOTSTRAP": "debootstrap", "FROM": "debian:12-slim", "MIRROR": "http://m/debian",
+        "WHEELHOUSE": ".wheelhouse/base", "BASE_KEY": "k", "SOURCE_DATE_EPOCH": "1736812800",
+        "LABEL_SCHEMA_DATE": "Tuesday_14_January_2025_00:00:00_UTC"}
     assert img.build_options({"A": "1", "B": "x y"}) == [
-        "--fakeroot", "--force", "--build-arg", "A=1", "--build-arg", "B=x y"]
+        "--fakeroot", "--force", "--mksquashfs-args",
+        "-comp gzip -Xcompression-level 6 -all-root", "--build-arg", "A=1", "--build-arg",
+        "B=x y"]
+
+
+def test_base_key_covers_each_input_and_names_a_relative_path():
+    key = img.base_key(b"def", b"lock", ["debootstrap", "1"])
+    assert {img.base_key(b"def2", b"lock", ["debootstrap", "1"]),
+            img.base_key(b"def", b"lock2", ["debootstrap", "1"]),
+            img.base_key(b"def", b"lock", ["docker", "1"]),
+            img.base_key(b"def", b"lock", ["debootstrap", "2"])} & {key} == set()
+    # no concatenation ambiguity between the parts
+    assert img.base_key(b"de", b"flock", ["x"]) != img.base_key(b"def", b"lock", ["x"])
+    assert img.base_path(key) == f".image-cache/base-{key[:24]}.sif"
+
+
+def test_definitions_name_no_absolute_host_path():
+    """Two checkouts in different folders must build the same bytes: every host path a
+    definition reads is a build argument given relative to the checkout."""
+    for definition in (img.DEF, img.BASE_DEF, img.EXTRA_DEF):
+        text = (ROOT / definition).read_text()
+        files = text.split("%files", 1)[1].split("\n%", 1)[0]
+        assert [ln.split()[0] for ln in files.splitlines()
+                if ln.strip() and not ln.strip().startswith("#")] == ["{{"], definition
+    args = img.build_args(base_sif=img.base_path("k" * 64), pyproject_text=PYPROJECT,
+                          lock_text=b"", git_commit="c", source_date_epoch=0, stamp="s")
+    assert not args["BASE"].startswith("/") and not args["WHEELHOUSE"].startswith("/")
 
 
 def test_stamp_changes_with_sources_only(tmp_path):
     (tmp_path / "container" / "scripts").mkdir(parents=True)
     (tmp_path / "src" / "parsl_aurora").mkdir(parents=True)
-    for rel in (img.DEF, img.LOCK, "pyproject.toml", "src/parsl_aurora/a.py"):
+    for rel in (img.DEF, img.BASE_DEF, img.LOCK, "pyproject.toml", "src/parsl_aurora/a.py"):
         (tmp_path / rel).write_text(rel)
     first = img.stamp(tmp_path)
     (tmp_path / "src" / "parsl_aurora" / "__pycache__").mkdir()
@@ -105,12 +189,85 @@ def test_stamp_changes_with_sources_only(tmp_path):
     assert img.stamp(tmp_path) == first
     (tmp_path / "src" / "parsl_aurora" / "a.py").write_text("changed")
     assert img.stamp(tmp_path) != first
+    (tmp_path / img.BASE_DEF).write_text("changed")
     assert img.stamp(tmp_path, ["docker"]) != img.stamp(tmp_path)
 
 
 def test_labels_from_inspect():
     text = '{"data": {"attributes": {"labels": {"k": "v"}}}, "type": "container"}'
     assert img.labels_from_inspect(text) == {"k": "v"}
+
+
+# ---------------------------------------------------------------- pure: the SIF header
+GOLDEN = ROOT / "tests" / "golden"
+
+
+def test_normalise_sif_header_golden():
+    """The header of a tiny SIF built by apptainer 1.4.5 (random ID, the build's clock), and
+    the same header as the SIF library's deterministic mode writes it (nil ID, zero times);
+    the normalised one was checked with `apptainer sif header`, `sif list`, `inspect`, `exec`."""
+    head = (GOLDEN / "sif_header.bin").read_bytes()
+    want = (GOLDEN / "sif_header.normalised.bin").read_bytes()
+    assert img.sif_header_size(head) == len(head) == 32176
+    assert img.normalise_sif_header(head) == want
+    assert img.normalise_sif_header(want) == want
+    assert img.normalise_sif_header(head + b"data that follows") == want
+
+
+def test_normalise_sif_header_refuses_signed_images_and_non_sifs():
+    head = bytearray((GOLDEN / "sif_header.bin").read_bytes())
+    signature = 4096 + 3 * img.SIF_DESCRIPTOR_SIZE  # the first free descriptor
+    head[signature:signature + 5] = (0x4005).to_bytes(4, "little") + b"\x01"
+    with pytest.raises(ImageError, match="signed: normalise it before signing"):
+        img.normalise_sif_header(bytes(head))
+    with pytest.raises(ImageError, match="not a SIF image"):
+        img.normalise_sif_header(b"#!/bin/sh\n" + bytes(200))
+    with pytest.raises(ImageError, match="cut short"):
+        img.normalise_sif_header((GOLDEN / "sif_header.bin").read_bytes()[:5000])
+
+
+def test_normalise_sif_rewrites_only_the_header(tmp_path):
+    sif = tmp_path / "x.sif"
+    sif.write_bytes((GOLDEN / "sif_header.bin").read_bytes() + b"payload")
+    img.normalise_sif(sif)
+    assert sif.read_bytes() == (GOLDEN / "sif_header.normalised.bin").read_bytes() + b"payload"
+
+
+# ---------------------------------------------------------------- pure: a user's own packages
+def test_extra_lock_path_and_date_checks():
+    assert img.extra_lock_path(Path("/p/requirements.txt")) == Path("/p/requirements.lock")
+    with pytest.raises(ConfigError, match="EXTRA='requirements.lock'.*the lock itself"):
+        img.extra_lock_path(Path("requirements.lock"))
+    assert img.check_date("2025-06-01", "2025-01-14") == "2025-06-01"
+    with pytest.raises(ConfigError, match="EXTRA_DATE='2025-13-01'.*YYYY-MM-DD"):
+        img.check_date("2025-13-01", "2025-01-14")
+    with pytest.raises(ConfigError, match="EXTRA_DATE='2024-06-01'.*2025-01-14 or later"):
+        img.check_date("2024-06-01", "2025-01-14")
+
+
+def test_extra_lock_command_golden():
+    assert img.extra_lock_command("uv", "2025-06-01", "c.txt", "/p/req.txt", "/t/o.lock") == [
+        "uv", "pip", "compile", "--quiet", "--no-header", "--exclude-newer", "2025-06-01",
+        "--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28",
+        "--generate-hashes", "-c", "c.txt", "/p/req.txt", "-o", "/t/o.lock"]
+
+
+def test_extra_lock_keeps_only_what_the_image_lacks():
+    image_lock = img.with_layout(LOCK_TEXT, {"sqlalchemy", "greenlet"}, {"pip"})
+    resolved = ("parsl==2025.1.13 \\\n    --hash=sha256:bb\n    # via -r req.txt\n"
+                "tabulate==0.9.0 \\\n    --hash=sha256:ff\n    # via -r req.txt\n")
+    text = img.extra_lock_text(resolved, image_lock, "tabulate\nparsl\n", "2025-06-01")
+    head, body = text.split("\n", 1)
+    assert head.startswith("# extra lock: input=") and head.endswith(
+        " exclude-newer=2025-06-01")
+    assert img.lock_entries(body) == {
+        "tabulate": "tabulate==0.9.0 \\\n    --hash=sha256:ff\n    # via -r req.txt\n"}
+    assert img.extra_lock_date(text) == "2025-06-01"
+    assert img.extra_lock_is_current(text, "tabulate\nparsl\n", image_lock, None)
+    assert img.extra_lock_is_current(text, "tabulate\nparsl\n", image_lock, "2025-06-01")
+    assert not img.extra_lock_is_current(text, "tabulate\n", image_lock, None)
+    assert not img.extra_lock_is_current(text, "tabulate\nparsl\n", image_lock + "#\n", None)
+    assert not img.extra_lock_is_current(text, "tabulate\nparsl\n", image_lock, "2025-07-01")
 
 
 # ---------------------------------------------------------------- the real image
@@ -160,17 +317,57 @@ def test_helpers_are_on_path_inside(built_image):
 @needs_apptainer
 def test_labels_record_versions_and_provenance(built_image):
     got = labels(built_image)
+    prov = img.provenance(ROOT)
     assert got["org.parsl-project.parsl.version"] == PARSL
     assert got["org.opencontainers.image.version"] == "0.1.0"
-    assert got["org.opencontainers.image.revision"] not in ("", "unknown")
-    assert got["org.opencontainers.image.created"] not in ("", "unknown")
-    lock_labels = [v for k, v in got.items() if "lock" in k and "sha256" in k]
-    assert lock_labels and len(lock_labels[0]) == 64
+    assert got["org.opencontainers.image.revision"] == prov.commit
+    assert got["parsl-aurora.source-date-epoch"] == str(prov.source_date_epoch)
+    assert got["org.opencontainers.image.created"] == img.iso_date(prov.source_date_epoch)
+    # apptainer 1.4 writes its build clock here unless the definition's label wins
+    assert got["org.label-schema.build-date"] == img.label_schema_date(prov.source_date_epoch)
+    assert got["parsl-aurora.lock-sha256"] == hashlib.sha256(
+        (ROOT / img.LOCK).read_bytes()).hexdigest()
+    assert got["parsl-aurora.base-bootstrap"] in ("debootstrap", "docker")
 
 
 @needs_apptainer
-def test_size_under_100_mb(built_image):
-    assert built_image.stat().st_size < 100 * 10**6
+def test_size_under_60_mb(built_image):
+    assert built_image.stat().st_size < 60 * 10**6, built_image.stat().st_size
+
+
+@needs_apptainer
+def test_header_is_normalised_and_apptainer_signs_verifies_and_runs_it(built_image, tmp_path):
+    """Nil ID and zero times, as Apptainer 1.5's deterministic mode writes them; Apptainer 1.4
+    still reads, signs, verifies and runs the image."""
+    with open(built_image, "rb") as f:
+        head = f.read(40000)
+    size = img.sif_header_size(head)
+    assert img.normalise_sif_header(head[:size]) == head[:size], "header not normalised"
+    header = run("apptainer", "sif", "header", str(built_image))
+    assert header.returncode == 0 and "Primary Architecture: amd64" in header.stdout, header
+    key, pub = tmp_path / "k.pem", tmp_path / "k.pub.pem"
+    run("openssl", "genrsa", "-out", str(key), "2048")
+    run("openssl", "rsa", "-in", str(key), "-pubout", "-out", str(pub))
+    signed = tmp_path / "signed.sif"
+    shutil.copy(built_image, signed)
+    out = run("apptainer", "sign", "--key", str(key), str(signed))
+    assert out.returncode == 0, out.stderr
+    out = run("apptainer", "verify", "--key", str(pub), str(signed))
+    assert out.returncode == 0 and "Verified signature" in out.stderr, out.stderr
+    out = run("apptainer", "exec", str(signed), "python", "-c", "import parsl_aurora")
+    assert out.returncode == 0, out.stderr
+    assert run("apptainer", "inspect", str(signed)).returncode == 0
+
+
+@needs_apptainer
+def test_sqlalchemy_is_in_the_image_but_off_the_default_path(built_image):
+    """Monitoring stays available without any worker paying for importing SQLAlchemy."""
+    probe = "import sys, parsl; print('sqlalchemy' in sys.modules)"
+    out = run("apptainer", "exec", str(built_image), "python", "-c", probe)
+    assert (out.returncode, out.stdout.strip()) == (0, "False"), out.stderr
+    out = run("apptainer", "exec", str(built_image), "sh", "-c",
+              'PYTHONPATH=$PARSL_AURORA_MONITORING_PATH python -c "import sqlalchemy"')
+    assert out.returncode == 0, out.stderr
 
 
 @needs_apptainer
@@ -234,6 +431,46 @@ def test_image_with_another_parsl_fails_at_once(built_image):
         str(built_image), found, (PARSL, "3.12"))
 
 
+@needs_apptainer
+def test_own_packages_in_a_derived_image(built_image, tmp_path):
+    """EXTRA: a small real package the image lacks, locked with hashes against the image's lock
+    as of a chosen date, fetched on the host, installed offline into an image built From:
+    aurora.sif, whose own %test still passes."""
+    assert run("apptainer", "exec", str(built_image), "python", "-c",
+               "import tabulate").returncode != 0, "the image already has tabulate"
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("tabulate\n")
+    derived = tmp_path / "derived.sif"
+    cmd = (sys.executable, "-m", "parsl_aurora.image", "build", "--extra", str(reqs),
+           "--extra-date", "2025-06-01", "--extra-image", str(derived))
+    out = run(*cmd, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lock = tmp_path / "requirements.lock"
+    entries = img.lock_entries(lock.read_text())
+    assert list(entries) == ["tabulate"], entries  # nothing the image already pins
+    assert entries["tabulate"].startswith("tabulate==0.9.0 ") and "--hash=sha256:" in \
+        entries["tabulate"]
+    assert img.extra_lock_date(lock.read_text()) == "2025-06-01"
+    assert "/" not in lock.read_text().replace("# via -r requirements.txt", ""), \
+        "the lock names a host folder: its sha256 would differ from one checkout to another"
+
+    out = run("apptainer", "exec", str(derived), "python", "-c",
+              "import tabulate, parsl; print(tabulate.__version__, parsl.__version__)")
+    assert out.stdout.split() == ["0.9.0", "2025.01.13"], out.stderr
+    out = run("apptainer", "test", str(derived))
+    assert out.returncode == 0 and "parsl 2025.1.13" in out.stdout, out.stdout + out.stderr
+    got = labels(derived)
+    assert got["parsl-aurora.extra-lock-sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+    assert got["parsl-aurora.extra-exclude-newer"] == "2025-06-01"
+    assert got["org.opencontainers.image.revision"] == labels(built_image)[
+        "org.opencontainers.image.revision"]
+
+    before = (lock.stat().st_mtime_ns, derived.stat().st_mtime_ns)
+    out = run(*cmd, cwd=ROOT)  # same inputs: the lock and the image are reused
+    assert out.returncode == 0 and "is up to date" in out.stdout, out.stdout + out.stderr
+    assert (lock.stat().st_mtime_ns, derived.stat().st_mtime_ns) == before
+
+
 def test_build_without_apptainer_says_how_to_get_it(tmp_path):
     """No apptainer on PATH: one line naming the installer, non-zero exit, nothing built."""
     out = run(sys.executable, "-m", "parsl_aurora.image", "--root", str(ROOT), "build",
@@ -241,3 +478,34 @@ def test_build_without_apptainer_says_how_to_get_it(tmp_path):
     assert out.returncode != 0
     assert "apptainer is not on PATH" in out.stderr and ".ci/install-apptainer" in out.stderr
     assert not (tmp_path / "x.sif").exists()
+
+
+MONITORED = """
+import sqlite3, sys
+import parsl
+from parsl import python_app
+import site_configs
+
+@python_app
+def imported_sqlalchemy():
+    import sys
+    return "sqlalchemy" in sys.modules
+
+with parsl.load(site_configs.load("local", "in_job", run_dir="runinfo", monitoring=True)):
+    workers = {imported_sqlalchemy().result() for _ in range(6)}
+with sqlite3.connect("runinfo/monitoring.db") as db:
+    tasks = db.execute("SELECT COUNT(*) FROM task WHERE task_func_name = 'imported_sqlalchemy'")
+    tries = db.execute("SELECT COUNT(*) FROM try WHERE task_try_time_returned IS NOT NULL")
+    print(sorted(workers), "sqlalchemy" in sys.modules, tasks.fetchone()[0], tries.fetchone()[0])
+"""
+
+
+@needs_apptainer
+def test_monitoring_with_the_driver_in_the_image(built_image, tmp_path):
+    """monitoring=True in the image: the driver finds SQLAlchemy off the default path, the
+    database holds every task, and no worker imported SQLAlchemy."""
+    (tmp_path / "monitored.py").write_text(MONITORED)
+    out = run("apptainer", "exec", str(built_image), "python", "monitored.py", cwd=tmp_path,
+              env={**os.environ, "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["[False]", "True", "6", "6"], out.stdout

@@ -136,19 +136,26 @@ def test_provenance_golden():
               "org.opencontainers.image.version": "0.1.0",
               "org.opencontainers.image.revision": "8d5a104",
               "parsl-aurora.lock-sha256": "94ae", "parsl-aurora.stamp": "b79e",
-              "org.opencontainers.image.created": "2026-11-25T10:34:22Z"}
+              "parsl-aurora.source-date-epoch": "1736812800"}
     assert format_provenance("aurora.sif", labels, SHA, 1) == (
-        "image:        aurora.sif\n"
-        f"sha256:       {SHA}\n"
-        "parsl:        2025.1.13\n"
-        "parsl-aurora: 0.1.0\n"
-        "git commit:   8d5a104\n"
-        "lock sha256:  94ae\n"
-        "stamp:        b79e\n"
-        "build date:   2026-11-25T10:34:22Z\n"
-        "signed:       yes, 1 signature(s) (not checked: add --verify-key PUBLIC.pem)\n")
-    assert "signed:       no (unsigned" in format_provenance("a.sif", {}, SHA, 0)
-    assert "parsl:        (missing)" in format_provenance("a.sif", {}, SHA, 0)
+        "image:             aurora.sif\n"
+        f"sha256:            {SHA}\n"
+        "parsl:             2025.1.13\n"
+        "parsl-aurora:      0.1.0\n"
+        "git commit:        8d5a104\n"
+        "lock sha256:       94ae\n"
+        "SOURCE_DATE_EPOCH: 1736812800 (2025-01-14T00:00:00Z)\n"
+        "stamp:             b79e\n"
+        "signed:            yes, 1 signature(s) (not checked: add --verify-key PUBLIC.pem)\n"
+        "rebuild:           in a checkout of the commit: nox -s reproducible -- --against "
+        "aurora.sif\n")
+    derived = {**labels, "parsl-aurora.extra-lock-sha256": "77aa",
+               "parsl-aurora.extra-exclude-newer": "2025-06-01"}
+    assert "extra lock:        77aa (as of 2025-06-01)\nstamp:" in format_provenance(
+        "d.sif", derived, SHA, 0)
+    assert "signed:            no (unsigned" in format_provenance("a.sif", {}, SHA, 0)
+    assert "parsl:             (missing)" in format_provenance("a.sif", {}, SHA, 0)
+    assert "SOURCE_DATE_EPOCH: (missing)" in format_provenance("a.sif", {}, SHA, 0)
 
 
 # ---------------------------------------------------------------- real registry on loopback
@@ -216,7 +223,8 @@ def data_tiny_sif(tmp_path_factory):
         "Bootstrap: scratch\n%files\n    hello.txt /hello.txt\n%labels\n"
         "    org.parsl-project.parsl.version 2025.1.13\n"
         "    org.opencontainers.image.revision 8d5a104d439cbedcee0a3bf7748812f6a2c708bb\n"
-        "    parsl-aurora.stamp b79ef748\n")
+        "    parsl-aurora.stamp b79ef748\n"
+        "    parsl-aurora.source-date-epoch 1736812800\n")
     subprocess.run([APPTAINER, "build", "--fakeroot", "tiny.sif", "tiny.def"], cwd=d,
                    check=True, capture_output=True)
     return d / "tiny.sif"
@@ -364,15 +372,16 @@ def test_missing_key_names_the_flag(factory_registry, tmp_path):
 def test_inspect_signed_and_unsigned(data_keys, data_image, capsys):
     priv, pub = data_keys["good"]
     text = inspect(data_image)
-    assert "parsl:        2025.1.13\n" in text
-    assert "git commit:   8d5a104d439cbedcee0a3bf7748812f6a2c708bb\n" in text
-    assert "signed:       no" in text
+    assert "parsl:             2025.1.13\n" in text
+    assert "git commit:        8d5a104d439cbedcee0a3bf7748812f6a2c708bb\n" in text
+    assert "SOURCE_DATE_EPOCH: 1736812800 (2025-01-14T00:00:00Z)\n" in text
+    assert "signed:            no" in text
     subprocess.run(sign_command(APPTAINER, str(priv), str(data_image)), check=True,
                    capture_output=True)
-    assert "signed:       yes, 1 signature(s) (not checked" in inspect(data_image)
+    assert "signed:            yes, 1 signature(s) (not checked" in inspect(data_image)
     assert f"verified with {pub}" in inspect(data_image, pub)
     assert "NOT verified" in inspect(data_image, data_keys["other"][1])
     assert cli.main(["inspect", str(data_image)]) == 0
-    assert "stamp:        b79ef748" in capsys.readouterr().out
+    assert "stamp:             b79ef748" in capsys.readouterr().out
     os.remove(data_image)
     assert cli.main(["inspect", str(data_image)]) == 2

@@ -1,10 +1,14 @@
-"""The reproducibility check's own logic: partition lookup, manifests, level-by-level compare."""
+"""The reproducibility check: its own logic (partition lookup, manifests, the three levels),
+then a real clean build elsewhere compared byte for byte with the session's image."""
 
 import os
 
-from conftest import needs_apptainer
+import pytest
+from conftest import ROOT, needs_apptainer
 
+from parsl_aurora import image as img
 from parsl_aurora import reproducible as r
+from parsl_aurora.errors import ImageError
 
 SIF_LIST = """------------------------------------------------------------------------------
 ID   |GROUP   |LINK    |SIF POSITION (start-end)  |TYPE
@@ -19,44 +23,82 @@ def test_squashfs_partition_found():
     assert r.squashfs_id(SIF_LIST) == "3"
 
 
-def tree(root, text, log):
+def tree(root, text):
     (root / "opt").mkdir(parents=True)
     (root / "opt" / "a.py").write_text(text)
-    (root / "var" / "log").mkdir(parents=True)
-    (root / "var" / "log" / "dpkg.log").write_text(log)
     os.symlink("opt/a.py", root / "link")
 
 
-def test_volatile_files_are_ignored_and_real_changes_found(tmp_path):
-    tree(tmp_path / "one", "x = 1\n", "installed at 10:00\n")
-    tree(tmp_path / "two", "x = 1\n", "installed at 10:05\n")
-    tree(tmp_path / "three", "x = 2\n", "installed at 10:00\n")
+def test_manifest_finds_every_change(tmp_path):
+    tree(tmp_path / "one", "x = 1\n")
+    tree(tmp_path / "two", "x = 1\n")
+    tree(tmp_path / "three", "x = 2\n")
     one, two, three = (r.manifest(tmp_path / n) for n in ("one", "two", "three"))
-    assert "var/log/dpkg.log" not in one and one["link"] == "link opt/a.py"
+    assert one["link"] == "link opt/a.py" and set(one) == {"opt", "opt/a.py", "link"}
     assert r.diff(one, two) == []
     assert r.diff(one, three) == ["opt/a.py"]
+    (tmp_path / "two" / "opt" / "a.py").chmod(0o600)
+    assert r.diff(one, r.manifest(tmp_path / "two")) == ["opt/a.py"]
+
+
+def side(sha, labels=None, manifest=None):
+    return {"packages": ["parsl==2025.1.13"], "manifest": manifest or {"f": "1"},
+            "squashfs": "aa", "labels": labels or {"k": "v"}, "sha256": sha}
 
 
 def test_compare_reports_each_level():
-    a = {"packages": ["parsl==2025.1.13"], "manifest": {"f": "1"}, "squashfs": "aa"}
-    b = {"packages": ["parsl==2025.1.13"], "manifest": {"f": "1"}, "squashfs": "bb"}
-    got = r.compare(a, b)
-    assert (got["packages"], got["files"], got["squashfs"]) == (True, True, False)
+    got = r.compare(side("s1"), side("s1"))
+    assert (got["packages"], got["files"], got["bytes"]) == (True, True, True)
+    assert r.verdict(got) == ("(a) installed packages: holds\n"
+                              "(b) every file (path, mode, sha256): holds\n"
+                              "(c) the SIF's bytes (sha256): holds\n")
+    got = r.compare(side("s1"), side("s2", {"k": "w"}, {"f": "2"}))
+    assert (got["packages"], got["files"], got["bytes"]) == (True, False, False)
+    assert got["differing_labels"] == {"k": ["v", "w"]} and got["differing_files"] == ["f"]
+    assert "(c) the SIF's bytes (sha256): DOES NOT HOLD" in r.verdict(got)
+
+
+def test_against_needs_the_commit_the_image_was_built_from():
+    prov = img.Provenance("c" * 40, 1, 1)
+    labels = {"org.opencontainers.image.revision": "c" * 40,
+              "parsl-aurora.base-bootstrap": "docker",
+              "parsl-aurora.base-from": "debian@sha256:" + "d" * 64}
+    assert r.check_against(labels, prov) == ("docker", "sha256:" + "d" * 64)
+    assert r.check_against({**labels, "parsl-aurora.base-bootstrap": "debootstrap",
+                            "parsl-aurora.base-from": "debian:12-slim"}, prov) == (
+        "debootstrap", None)
+    with pytest.raises(ImageError, match=f"built from commit {'e' * 40}, this checkout is at "
+                                         f"{'c' * 40}. Fix: `git checkout {'e' * 40}`"):
+        r.check_against({**labels, "org.opencontainers.image.revision": "e" * 40}, prov)
 
 
 @needs_apptainer
-def test_two_builds_of_one_tree_match_in_packages_and_files(built_image, tmp_path):
-    """A second clean build equals the session's image at levels (a) and (b) (see README)."""
-    from pathlib import Path
+def test_a_clean_build_elsewhere_gives_the_same_bytes(built_image, tmp_path):
+    """Level (c) with one extra build from scratch, not two.
 
-    from parsl_aurora import image
+    One side is the session's image. Reusing it is sound: `build` reused or made it from this
+    checkout's inputs (its stamp label covers every input file, the commit and
+    SOURCE_DATE_EPOCH), and the other side shares nothing with it: another folder, its own
+    wheelhouse, and its own base built from scratch here, minutes (or, on a developer's
+    machine, days) later. In that folder a code change is built first, from scratch; reverting
+    it then rebuilds only the project layer on that base, so the match also shows that the
+    cached-base path gives the same bytes as a cold build.
+    """
+    prov = img.provenance(ROOT)
+    folder = tmp_path / "elsewhere"
+    img.copy_sources(ROOT, folder)
+    hello = folder / "src" / "parsl_aurora" / "hello.py"
+    original = hello.read_text()
+    hello.write_text(original + "\n# a code-only change\n")
+    changed = img.build(folder, folder / "aurora.sif", prov=prov)
+    changed_sha = r.sha256_file(changed)
+    (base,) = (folder / img.CACHE).glob("base-*.sif")
+    base_before = (base.stat().st_mtime_ns, r.sha256_file(base))
 
-    second = image.build(image.find_root(Path(__file__).parent), tmp_path / "again.sif",
-                         force=True)
-    seen = []
-    for i, sif in enumerate((built_image, second)):
-        (tmp_path / str(i)).mkdir()
-        seen.append(r.describe(sif, tmp_path / str(i)))
-    result = r.compare(*seen)
-    assert result["packages"], seen[0]["packages"]
-    assert result["files"], result["differing_files"]
+    hello.write_text(original)
+    again = img.build(folder, folder / "aurora.sif", prov=prov)
+    assert (base.stat().st_mtime_ns, r.sha256_file(base)) == base_before, "base rebuilt"
+    assert changed_sha != r.sha256_file(again), "the code change did not reach the image"
+    assert r.sha256_file(again) == r.sha256_file(built_image), (
+        "a clean build elsewhere differs from the session's image: run "
+        "`nox -s reproducible -- --against aurora.sif` to see where")

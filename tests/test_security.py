@@ -436,27 +436,27 @@ def test_image_metadata_holds_no_credentials(image_tree, built_image):
 
 
 def test_build_copies_nothing_but_the_wheelhouse():
-    """What the build can see of the host: the def's %files (the wheelhouse only), no %setup
-    (it would run on the host), no bind in the build options."""
-    sections: dict[str, list[str]] = {}
-    current = None
-    for line in (ROOT / img.DEF).read_text().splitlines():
-        if line.startswith("%"):
-            current = line.split()[0]
-            sections[current] = []
-        elif current and line.strip() and not line.strip().startswith("#"):
-            sections[current].append(line.strip())
-    assert sections["%files"] == ["{{ WHEELHOUSE }} /opt/wheelhouse"]
-    assert "%setup" not in sections
-    assert "rm -rf /opt/wheelhouse" in " ".join(sections["%post"])
-    args = img.build_args(bootstrap="docker", base="debian@sha256:" + "0" * 64,
-                          mirror="unused", wheelhouse="/w/.wheelhouse",
+    """What a build can see of the host: each definition's %files (its wheelhouse only), no
+    %setup (it would run on the host), no bind in the build options."""
+    for definition in (img.DEF, img.BASE_DEF, img.EXTRA_DEF):
+        sections: dict[str, list[str]] = {}
+        current = None
+        for line in (ROOT / definition).read_text().splitlines():
+            if line.startswith("%"):
+                current = line.split()[0]
+                sections[current] = []
+            elif current and line.strip() and not line.strip().startswith("#"):
+                sections[current].append(line.strip())
+        assert sections["%files"] == ["{{ WHEELHOUSE }} /opt/wheelhouse"], definition
+        assert "%setup" not in sections, definition
+        assert "rm -rf /opt/wheelhouse" in " ".join(sections["%post"]), definition
+    args = img.build_args(base_sif=img.base_path("0" * 64),
                           pyproject_text=(ROOT / "pyproject.toml").read_text(),
                           lock_text=b"", git_commit="c", source_date_epoch=0, stamp="s")
     options = img.build_options(args)
     assert not {"--bind", "-B", "--mount", "--writable-tmpfs"} & set(options)
-    assert [o for o in options if o.startswith("-")] == (
-        ["--fakeroot", "--force"] + ["--build-arg"] * len(args))
+    assert [o for o in options if o.startswith("--")] == (
+        ["--fakeroot", "--force", "--mksquashfs-args"] + ["--build-arg"] * len(args))
 
 
 def test_project_sources_hold_no_key_files():
@@ -471,14 +471,16 @@ def test_project_sources_hold_no_key_files():
 
 @needs_apptainer
 def test_wheelhouse_holds_only_wheels_without_keys(built_image):
-    """What %files copied into the last build: locked wheels, the lock, the project's wheel;
-    no member of any wheel is a key."""
+    """What %files copied into the last builds: locked wheels, the lock split by where each
+    package goes, the project's wheel; no member of any wheel is a key."""
     wheelhouse = ROOT / img.WHEELHOUSE
-    entries = sorted(p.name for p in wheelhouse.iterdir())
-    assert [e for e in entries if not e.endswith(".whl") and e != "requirements.lock"] == []
-    assert any(e.startswith("parsl_aurora-") for e in entries)
+    copied = [p for layer in ("base", "project", "extra") for p in wheelhouse.glob(f"{layer}/*")]
+    entries = sorted(p.relative_to(wheelhouse).as_posix() for p in copied)
+    assert [e for e in entries if not e.endswith(".whl") and e not in (
+        "base/default.txt", "base/monitoring.txt", "extra/extra.lock")] == []
+    assert any(e.startswith("project/parsl_aurora-") for e in entries)
     hits = {}
-    for wheel in wheelhouse.glob("*.whl"):
+    for wheel in (p for p in copied if p.suffix == ".whl"):
         with zipfile.ZipFile(wheel) as z:
             for member in z.namelist():
                 found = secrets_in(z.read(member), Path(member).name)

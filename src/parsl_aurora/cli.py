@@ -167,8 +167,10 @@ def parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_pull)
     ins = sub.add_parser(
         "inspect", help="print an image's provenance labels and whether it is signed",
-        description="Print Parsl version, git commit, lock hash, stamp and build date from the "
-                    "image labels, its sha256, and its signatures (checked with --verify-key).")
+        description="Print the image's provenance from its labels (Parsl version, git commit, "
+                    "lock sha256, SOURCE_DATE_EPOCH; a user's extra lock), its sha256, its "
+                    "signatures (checked with --verify-key), and how to check that a checkout "
+                    "of that commit builds the same bytes.")
     ins.add_argument("image", nargs="?", default="aurora.sif")
     ins.add_argument("--verify-key", default=None, metavar="PUBLIC.pem",
                      help="also check the signature with this public key")

@@ -343,6 +343,34 @@ def _robust(site: Site, drain: int | None, encrypted: bool, block: Block) -> dic
     }
 
 
+def _monitoring_importable() -> None:
+    """Make SQLAlchemy importable for Parsl's monitoring hub, or say how to get it.
+
+    The image keeps SQLAlchemy off the default import path, because once importable, every
+    Parsl process imports it (a third of each worker's start-up); its folder is in
+    $PARSL_AURORA_MONITORING_PATH, added here, in the driver only. Parsl (pinned) tried the
+    import when `parsl` was first imported and kept the failure: try again and hand it the
+    database manager it then could not load.
+    """
+    import importlib.util
+    import sys
+
+    extra = os.environ.get("PARSL_AURORA_MONITORING_PATH")
+    if extra and importlib.util.find_spec("sqlalchemy") is None and Path(extra).is_dir():
+        sys.path.append(extra)
+        import parsl.monitoring.monitoring as hub
+
+        if hub._db_manager_excepts is not None:
+            from parsl.monitoring.db_manager import dbm_starter
+
+            hub.dbm_starter, hub._db_manager_excepts = dbm_starter, None
+    try:
+        import sqlalchemy  # noqa: F401
+    except ImportError:
+        raise ConfigError("monitoring", True, "Parsl's monitoring extra installed",
+                          "pip install 'parsl-aurora[monitoring]' or run in the image") from None
+
+
 def _config(executor, *, retries: int, run_dir: str, resume: bool, monitoring: bool):
     """The Config around one executor, with checkpoint-resume and monitoring when asked for."""
     from parsl.config import Config
@@ -356,12 +384,7 @@ def _config(executor, *, retries: int, run_dir: str, resume: bool, monitoring: b
         extra.update(app_cache=True, checkpoint_mode="task_exit",
                      checkpoint_files=get_all_checkpoints(run_dir))
     if _boolean("monitoring", monitoring):
-        try:
-            import sqlalchemy  # noqa: F401
-        except ImportError:
-            raise ConfigError("monitoring", True, "Parsl's monitoring extra installed",
-                              "pip install 'parsl-aurora[monitoring]' or run in "
-                              "the image") from None
+        _monitoring_importable()
         from parsl.monitoring import MonitoringHub
 
         # Messages from workers travel through the interchange, which runs next to the hub.

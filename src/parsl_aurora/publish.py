@@ -22,10 +22,14 @@ from pathlib import Path
 from parsl_aurora.errors import ConfigError, ImageError, run_main
 from parsl_aurora.image import (
     IMAGE,
+    LABEL_EXTRA_DATE,
+    LABEL_EXTRA_LOCK,
     LABEL_PARSL,
+    LABEL_SDE,
     LABEL_STAMP,
     apptainer,
     install_image,
+    iso_date,
     labels_from_inspect,
 )
 
@@ -38,7 +42,6 @@ DIGEST_OBJECT_ID = "1"
 LABEL_COMMIT = "org.opencontainers.image.revision"
 LABEL_VERSION = "org.opencontainers.image.version"
 LABEL_LOCK = "parsl-aurora.lock-sha256"
-LABEL_CREATED = "org.opencontainers.image.created"
 # OCI distribution spec: what a tag may look like.
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 # OCI distribution spec: a repository name, '/'-separated lowercase parts.
@@ -217,11 +220,18 @@ def format_provenance(image: str, labels: Mapping[str, str], sha256: str, signat
         signed = f"yes, {signatures} signature(s) (not checked: add --verify-key PUBLIC.pem)"
     else:
         signed = f"yes, {signatures} signature(s); {verified}"
+    sde = labels.get(LABEL_SDE)
+    if sde and sde.lstrip("-").isdigit():
+        sde = f"{sde} ({iso_date(int(sde))})"
     rows = [("image", image), ("sha256", sha256), ("parsl", get(LABEL_PARSL)),
             ("parsl-aurora", get(LABEL_VERSION)), ("git commit", get(LABEL_COMMIT)),
-            ("lock sha256", get(LABEL_LOCK)), ("stamp", get(LABEL_STAMP)),
-            ("build date", get(LABEL_CREATED)), ("signed", signed)]
-    return "".join(f"{k + ':':<14}{v}\n" for k, v in rows)
+            ("lock sha256", get(LABEL_LOCK)), ("SOURCE_DATE_EPOCH", sde or "(missing)")]
+    if LABEL_EXTRA_LOCK in labels:  # an image with a user's own packages (build --extra)
+        extra = f"{labels[LABEL_EXTRA_LOCK]} (as of {labels.get(LABEL_EXTRA_DATE, '?')})"
+        rows += [("extra lock", extra)]
+    rebuild = f"in a checkout of the commit: nox -s reproducible -- --against {image}"
+    rows += [("stamp", get(LABEL_STAMP)), ("signed", signed), ("rebuild", rebuild)]
+    return "".join(f"{k + ':':<19}{v}\n" for k, v in rows)
 
 
 # ---------------------------------------------------------------- effects
