@@ -138,7 +138,8 @@ def test_build_args_make_the_labels():
                           stamp="s")
     assert args == {
         "BASE": ".image-cache/base-k.sif", "WHEELHOUSE": ".wheelhouse/project",
-        "PARSL_VERSION": "2025.1.13", "PROJECT_VERSION": "0.1.0", "GIT_COMMIT": "abc",
+        "PARSL_VERSION": "2025.1.13", "PYTHON_VERSION": "3.11", "PROJECT_VERSION": "0.1.0",
+        "GIT_COMMIT": "abc",
         "LOCK_SHA256": "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881",
         "STAMP": "s", "SOURCE_DATE_EPOCH": "1736812800", "BUILD_DATE": "2025-01-14T00:00:00Z",
         "LABEL_SCHEMA_DATE": "Tuesday_14_January_2025_00:00:00_UTC"}
@@ -319,6 +320,7 @@ def test_labels_record_versions_and_provenance(built_image):
     got = labels(built_image)
     prov = img.provenance(ROOT)
     assert got["org.parsl-project.parsl.version"] == PARSL
+    assert got["parsl-aurora.python"] == "3.11"
     assert got["org.opencontainers.image.version"] == "0.1.0"
     assert got["org.opencontainers.image.revision"] == prov.commit
     assert got["parsl-aurora.source-date-epoch"] == str(prov.source_date_epoch)

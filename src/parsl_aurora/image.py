@@ -366,6 +366,7 @@ def build_args(*, base_sif: str, pyproject_text: str, lock_text: bytes, git_comm
         "BASE": base_sif,
         "WHEELHOUSE": f"{WHEELHOUSE}/project",
         "PARSL_VERSION": parsl_pin(pyproject_text),
+        "PYTHON_VERSION": PYTHON_VERSION,
         "PROJECT_VERSION": project_version(pyproject_text),
         "GIT_COMMIT": git_commit,
         "LOCK_SHA256": hashlib.sha256(lock_text).hexdigest(),
