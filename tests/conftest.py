@@ -1,10 +1,13 @@
 """Shared fixtures: every test runs in its own folder; Parsl's tools come from this interpreter."""
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -241,3 +244,83 @@ def user_venv(tmp_path_factory) -> Path:
         assert done.returncode == 0, done.stderr[-3000:]
         (venv / ".complete").touch()
     return venv
+
+
+# ---------------------------------------------------------------- images and registries
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_registry(root: Path) -> Iterator[str]:
+    """A docker-registry on 127.0.0.1:<free port>, storing under root; stopped afterwards."""
+    port = free_port()
+    config = root / "config.yml"
+    config.write_text(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
+                      f"    rootdirectory: {root / 'data'}\nhttp:\n  addr: 127.0.0.1:{port}\n")
+    with open(root / "registry.log", "wb") as log:
+        proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"docker-registry did not start: {(root / 'registry.log')}")
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}/parsl-aurora/aurora"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def factory_registry(tmp_path_factory):
+    with serve_registry(tmp_path_factory.mktemp("registry")) as repo:
+        yield repo
+
+
+@pytest.fixture(scope="session")
+def data_keys(tmp_path_factory):
+    """Two PEM RSA key pairs made with openssl: `good` signs, `other` is a stranger's."""
+    d = tmp_path_factory.mktemp("keys")
+    keys = {}
+    for name in ("good", "other"):
+        priv, pub = d / f"{name}.pem", d / f"{name}.pub.pem"
+        subprocess.run(["openssl", "genrsa", "-out", priv, "2048"], check=True,
+                       capture_output=True)
+        subprocess.run(["openssl", "rsa", "-in", priv, "-pubout", "-out", pub], check=True,
+                       capture_output=True)
+        keys[name] = (priv, pub)
+    return keys
+
+
+def tiny_sif(folder: Path, labels: dict[str, str]) -> Path:
+    """A 40 kB SIF (scratch and one file: nothing runs in it) carrying `labels`."""
+    (folder / "hello.txt").write_text("hello from a tiny image\n")
+    (folder / "tiny.def").write_text(
+        "Bootstrap: scratch\n%files\n    hello.txt /hello.txt\n%labels\n"
+        + "".join(f"    {k} {v}\n" for k, v in labels.items()))
+    subprocess.run(["apptainer", "build", "--fakeroot", "tiny.sif", "tiny.def"], cwd=folder,
+                   check=True, capture_output=True, timeout=300)
+    return folder / "tiny.sif"
+
+
+@pytest.fixture(scope="session")
+def data_tiny_sif(tmp_path_factory):
+    """A tiny SIF carrying the labels the default tag is made from."""
+    return tiny_sif(tmp_path_factory.mktemp("tiny"), {
+        "org.parsl-project.parsl.version": "2025.1.13",
+        "org.opencontainers.image.revision": "8d5a104d439cbedcee0a3bf7748812f6a2c708bb",
+        "parsl-aurora.stamp": "b79ef748", "parsl-aurora.source-date-epoch": "1736812800"})
+
+
+@pytest.fixture
+def data_image(data_tiny_sif, tmp_path):
+    img = tmp_path / "aurora.sif"
+    shutil.copyfile(data_tiny_sif, img)
+    return img

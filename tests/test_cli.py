@@ -14,7 +14,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from test_publish import APPTAINER, data_keys, data_tiny_sif, serve_registry  # noqa: F401  (fixtures)
+from conftest import serve_registry, tiny_sif
 
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "parsl-aurora")
@@ -43,16 +43,11 @@ def test_set_reads_integers_and_booleans_by_type(tmp_path):
 
 @pytest.fixture(scope="session")
 def matching_image(tmp_path_factory) -> Path:
-    """A 40 kB SIF whose labels say it holds this Parsl, so a config may run workers in it."""
-    d = tmp_path_factory.mktemp("matching-image")
-    (d / "hello.txt").write_text("hello\n")
-    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    (d / "ok.def").write_text("Bootstrap: scratch\n%files\n    hello.txt /hello.txt\n%labels\n"
-                              f"    org.parsl-project.parsl.version {version('parsl')}\n"
-                              f"    parsl-aurora.python {python}\n")
-    subprocess.run([APPTAINER, "build", "--fakeroot", "ok.sif", "ok.def"], cwd=d, check=True,
-                   capture_output=True, timeout=300)
-    return d / "ok.sif"
+    """A tiny SIF whose labels say it holds this Parsl and Python, so a config may run
+    workers in it."""
+    return tiny_sif(tmp_path_factory.mktemp("matching-image"), {
+        "org.parsl-project.parsl.version": version("parsl"),
+        "parsl-aurora.python": f"{sys.version_info[0]}.{sys.version_info[1]}"})
 
 
 @pytest.mark.needs("apptainer")
@@ -73,7 +68,7 @@ def test_set_binds_one_path_or_comma_separated(tmp_path, matching_image, value, 
 
 # ---------------------------------------------------------------- registry names
 @pytest.mark.needs("apptainer", "registry")
-def test_pull_from_a_host_without_a_dot(tmp_path, data_keys, data_tiny_sif):  # noqa: F811
+def test_pull_from_a_host_without_a_dot(tmp_path, data_keys, data_tiny_sif):
     """`localhost:PORT/REPO` is a registry of its own, not a Docker Hub repository."""
     from parsl_aurora.publish import publish
 

@@ -18,7 +18,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from test_publish import REGISTRY_BIN, _free_port, data_keys, serve_registry  # noqa: F401  (data_keys: a fixture)
+from conftest import free_port, serve_registry, tiny_sif
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "errors.md"
@@ -330,19 +330,14 @@ def _run(*cmd, **kw) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def other_image(tmp_path_factory) -> Path:
-    """A 40 kB SIF whose labels say it holds another Parsl (scratch image: nothing inside)."""
-    d = tmp_path_factory.mktemp("other-image")
-    (d / "hello.txt").write_text("hello\n")
-    (d / "other.def").write_text(
-        f"Bootstrap: scratch\n%files\n    hello.txt /hello.txt\n%labels\n"
-        f"    org.parsl-project.parsl.version {OTHER_PARSL}\n"
-        "    org.opencontainers.image.revision 8d5a104d439cbedcee0a3bf7748812f6a2c708bb\n")
-    _run(APPTAINER, "build", "--fakeroot", "other.sif", "other.def", cwd=d)
-    return d / "other.sif"
+    """A tiny SIF whose labels say it holds another Parsl."""
+    return tiny_sif(tmp_path_factory.mktemp("other-image"), {
+        "org.parsl-project.parsl.version": OTHER_PARSL,
+        "org.opencontainers.image.revision": "8d5a104d439cbedcee0a3bf7748812f6a2c708bb"})
 
 
 @pytest.fixture(scope="session")
-def registry(tmp_path_factory, other_image, data_keys):  # noqa: F811
+def registry(tmp_path_factory, other_image, data_keys):
     """A loopback registry with tags `good` (signed), `unsigned` and `altered` (overwritten
     after publishing), and the publisher's and a stranger's public keys."""
     from parsl_aurora.publish import oras_ref, publish, push_command
@@ -387,7 +382,7 @@ def test_bad_input_is_one_line_and_submits_nothing(case, tmp_path, request):
 
     here = tmp_path.resolve()
     values = {**DOC_VALUES, "dir": str(here), "bin": str(BIN),
-              "dead": f"127.0.0.1:{_free_port()}/parsl-aurora/aurora"}
+              "dead": f"127.0.0.1:{free_port()}/parsl-aurora/aurora"}
     if case.needs == "registry":
         values.update(request.getfixturevalue("registry"))
     for name, text in case.files.items():

@@ -2,16 +2,13 @@
 Debian's docker-registry on loopback with a tiny signed SIF (no mocks).
 """
 
-import contextlib
 import os
 import shutil
-import socket
 import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from parsl_aurora import cli
 from parsl_aurora.errors import ConfigError, ImageError
@@ -40,7 +37,6 @@ from parsl_aurora.publish import (
     why_unverified,
 )
 
-REGISTRY_BIN = shutil.which("docker-registry")
 APPTAINER = shutil.which("apptainer")
 SHA = "b9aa5b698418a673e9a92c32d67b30119f2153d7c07fe2a0be12555d16a0c90d"
 SIF_LIST = """\
@@ -162,81 +158,6 @@ def test_provenance_golden():
 needs_tools = pytest.mark.needs("apptainer", "registry")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve_registry(root: Path) -> Iterator[str]:
-    """A docker-registry on 127.0.0.1:<free port>, storing under root; stopped afterwards."""
-    port = _free_port()
-    config = root / "config.yml"
-    config.write_text(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
-                      f"    rootdirectory: {root / 'data'}\nhttp:\n  addr: 127.0.0.1:{port}\n")
-    with open(root / "registry.log", "wb") as log:
-        proc = subprocess.Popen([REGISTRY_BIN, "serve", str(config)], stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"docker-registry did not start: {(root / 'registry.log')}")
-                time.sleep(0.1)
-        yield f"127.0.0.1:{port}/parsl-aurora/aurora"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-@pytest.fixture
-def factory_registry(tmp_path_factory):
-    with serve_registry(tmp_path_factory.mktemp("registry")) as repo:
-        yield repo
-
-
-@pytest.fixture(scope="session")
-def data_keys(tmp_path_factory):
-    """Two PEM RSA key pairs made with openssl: `good` signs, `other` is a stranger's."""
-    d = tmp_path_factory.mktemp("keys")
-    keys = {}
-    for name in ("good", "other"):
-        priv, pub = d / f"{name}.pem", d / f"{name}.pub.pem"
-        subprocess.run(["openssl", "genrsa", "-out", priv, "2048"], check=True,
-                       capture_output=True)
-        subprocess.run(["openssl", "rsa", "-in", priv, "-pubout", "-out", pub], check=True,
-                       capture_output=True)
-        keys[name] = (priv, pub)
-    return keys
-
-
-@pytest.fixture(scope="session")
-def data_tiny_sif(tmp_path_factory):
-    """A 40 kB SIF (scratch + one file) carrying the labels the default tag is made from."""
-    d = tmp_path_factory.mktemp("tiny")
-    (d / "hello.txt").write_text("hello from a tiny image\n")
-    (d / "tiny.def").write_text(
-        "Bootstrap: scratch\n%files\n    hello.txt /hello.txt\n%labels\n"
-        "    org.parsl-project.parsl.version 2025.1.13\n"
-        "    org.opencontainers.image.revision 8d5a104d439cbedcee0a3bf7748812f6a2c708bb\n"
-        "    parsl-aurora.stamp b79ef748\n"
-        "    parsl-aurora.source-date-epoch 1736812800\n")
-    subprocess.run([APPTAINER, "build", "--fakeroot", "tiny.sif", "tiny.def"], cwd=d,
-                   check=True, capture_output=True)
-    return d / "tiny.sif"
-
-
-@pytest.fixture
-def data_image(data_tiny_sif, tmp_path):
-    img = tmp_path / "aurora.sif"
-    shutil.copyfile(data_tiny_sif, img)
-    return img
-
-
 def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
@@ -346,7 +267,7 @@ def test_unsigned_image_is_refused(factory_registry, data_keys, data_tiny_sif, d
 @needs_tools
 def test_unreachable_registry_is_clear_and_keeps_local_image(data_keys, data_image, tmp_path,
                                                              capsys):
-    dead = f"127.0.0.1:{_free_port()}/parsl-aurora/aurora"  # nothing listens there
+    dead = f"127.0.0.1:{free_port()}/parsl-aurora/aurora"  # nothing listens there
     before = data_image.read_bytes()
     with pytest.raises(RegistryError, match=r"cannot pull the published digest oras://127"):
         pull(dead, "t1", data_keys["good"][1], out=data_image, insecure=True)

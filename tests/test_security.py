@@ -27,13 +27,6 @@ import pytest
 import zmq
 import zmq.auth
 from conftest import ROOT, needs_apptainer, no_leftovers
-from test_publish import (  # noqa: F401  (fixtures, asked for by name below)
-    data_image,
-    data_keys,
-    data_tiny_sif,
-    factory_registry,
-    needs_tools,
-)
 
 import site_configs
 from parsl_aurora import image as img
@@ -296,7 +289,7 @@ def test_built_image_is_not_group_or_world_writable(built_image):
 
 
 @pytest.mark.needs("apptainer", "registry")
-@needs_tools
+@pytest.mark.needs("apptainer", "registry")
 def test_pulled_and_published_images_are_not_world_writable(request, tmp_path):
     """Under umask 000 apptainer pull leaves a 0777 file; publish kept any mode it found."""
     registry = request.getfixturevalue("factory_registry")

@@ -256,8 +256,9 @@ def test_reliability_defaults():
         ex = config.executors[0]
         assert ex.encrypted is True
         assert ex.drain_period == 3600 - 300
-        assert (ex.heartbeat_period, ex.heartbeat_threshold) == aurora.SITE.heartbeat
-        assert ex.provider.status_polling_interval == aurora.SITE.qstat_interval < 60
+        # Lost pools noticed within a minute (Parsl: two), ended jobs within 30 s (Parsl: 60).
+        assert (ex.heartbeat_period, ex.heartbeat_threshold) == (10, 60)
+        assert ex.provider.status_polling_interval == 30
     assert aurora.multi_job(account="P", walltime="0:10:00", **AT).executors[0].drain_period \
         == 540
     off = aurora.multi_job(account="P", drain_margin="0:00:00", **AT).executors[0]
