@@ -80,7 +80,9 @@ class PBSProProvider(_ParslPBSProProvider):
         self._qstat_failures = 0
         self.last_refusal = ""  # qsub's stderr, the last time it refused
         self.fatal = ""  # a refusal no retry can change, in one line with its fix
-        self.run_tag = ""  # set by the executor: job names then show which run they belong to
+        # Set by the executor (parsl_aurora.runs.start_run): every job name of the run begins
+        # with it, so `qstat -u $USER` shows which run a job belongs to.
+        self.run_tag = ""
 
     # ------------------------------------------------------------ qsub
     def holding_off(self) -> bool:
@@ -98,7 +100,8 @@ class PBSProProvider(_ParslPBSProProvider):
             job_id = None
         if job_id:
             self._submit_failures = 0
-            self._record(job_id, job_name)
+            # The name PBS got: Parsl appends the submission time to the one it is given.
+            self._record(job_id, Path(self.resources[job_id]["job_stdout_path"]).stem)
             return job_id
         rc, out, err = self._last
         self.last_refusal = first_line(err) or first_line(out) or f"exit status {rc}"
@@ -113,7 +116,8 @@ class PBSProProvider(_ParslPBSProProvider):
         return None
 
     def _record(self, job_id: str, job_name: str) -> None:
-        """One line per submitted job in <run_dir>/pbs_jobs.txt, for `parsl-aurora status`."""
+        """One line per submitted job in <run_dir>/pbs_jobs.txt (`id<TAB>name<TAB>unix time`),
+        for `parsl-aurora status` and `cleanup` (parsl_aurora.runs)."""
         if self.script_dir:
             with open(Path(self.script_dir).parent / "pbs_jobs.txt", "a") as f:
                 f.write(f"{job_id}\t{job_name}\t{time.time():.0f}\n")
