@@ -239,11 +239,6 @@ def driver_line(state: str, record: Mapping, here: str) -> str:
 
 
 # ---------------------------------------------------------------- PBS
-def history_command(job_ids: Iterable[str]) -> list[str]:
-    """One qstat for every job of a run, finished ones included (-x)."""
-    return ["qstat", "-x", "-f", "-F", "json", *job_ids]
-
-
 # Every job the server has queued or running, with names and owners: `-u` cannot be combined
 # with -f (`qstat: conflicting options`), so jobs are picked by owner here.
 LIST_COMMAND = ["qstat", "-f", "-F", "json"]
@@ -295,11 +290,6 @@ def job_state(job: Mapping | None, qstat_error: str) -> tuple[str, str]:
     else:  # queued, held...: PBS's comment says why it is not running
         note = job.get("comment", "")
     return word, note
-
-
-def lookup(jobs: Mapping[str, dict], job_id: str) -> dict | None:
-    # qstat may print an id shortened; PBS's own ids start with the same sequence number.
-    return jobs.get(job_id) or next((j for k, j in jobs.items() if job_id.startswith(k)), None)
 
 
 def owner(job: Mapping) -> str:
@@ -364,7 +354,8 @@ def log_places(run_dir: Path, shown: Path) -> list[tuple[str, str]]:
 
 
 def status(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> Status:
-    """Everything `parsl-aurora status` shows, read now: one qstat call for all the run's jobs."""
+    """Everything `parsl-aurora status` shows, read now: one qstat call for all the run's jobs
+    (provider.query_jobs: more only where OpenPBS leaves jobs out of its answer)."""
     environ = os.environ if environ is None else environ
     shown = find_run(path)
     run_dir = shown.resolve()
@@ -386,15 +377,13 @@ def status(path: str | os.PathLike, environ: Mapping[str, str] | None = None) ->
         ledger = []
     if not ledger:
         return out
-    rc, stdout, stderr = run_pbs(history_command(s.job_id for s in ledger),
-                                 pbs_environment(record, environ))
-    from parsl_aurora.provider import first_line, parse_qstat
+    from parsl_aurora.provider import lookup, query_jobs
 
-    jobs = parse_qstat(stdout, rc)
+    env = pbs_environment(record, environ)
+    jobs, why = query_jobs([s.job_id for s in ledger], lambda argv: run_pbs(argv, env))
     out.checked = time.time()
     if jobs is None:
-        out.qstat_error = (f"qstat failed (exit {rc}: "
-                           f"{first_line(stderr) or first_line(stdout) or 'no output'})")
+        out.qstat_error = f"qstat failed ({why})"
         jobs = {}
     for s in ledger:
         word, note = job_state(lookup(jobs, s.job_id), out.qstat_error)
