@@ -240,7 +240,13 @@ def checkpointed(run_dir: Path) -> int:
 
 def _progress_started(g: Guide) -> None:
     log = g.shell.here / "campaign.log"
-    wait_for(lambda: log.exists() and " tasks: " in log.read_text(), "a progress line", 600)
+
+    def started() -> bool:
+        text = log.read_text() if log.exists() else ""
+        assert ": error: " not in text and "Traceback" not in text, text[-3000:]
+        return " tasks: " in text
+
+    wait_for(started, "a progress line", 600)
 
 
 def _twelve_done(g: Guide) -> None:
