@@ -315,6 +315,7 @@ def test_the_guide_image_steps(guide, tmp_path, built_image, data_keys):  # noqa
 
     _copy_checkout(tmp_path / "checkout", built_image)
     private, public = data_keys["good"]
+    (tmp_path / "registry").mkdir()
     with serve_registry(tmp_path / "registry") as repo:
         published = tmp_path / "published.sif"
         shutil.copyfile(built_image, published)
@@ -331,6 +332,11 @@ def test_the_guide_image_steps(guide, tmp_path, built_image, data_keys):  # noqa
     assert "is up to date" in out["make image"], out["make image"]
     assert "signature and sha256" in out["make pull REGISTRY=oras://<registry>/<repo> "
                                          "TAG=<tag> VERIFY_KEY=<publisher.pem>"]
+    # The driver ran in the image: its blocks activate the image's Python, not the venv's.
     run_dir = guide.home / "campaign" / "runinfo" / "000"
-    assert runs.read_record(run_dir)["run_tag"]
+    tag = runs.read_record(run_dir)["run_tag"]
+    scripts = [p for p in (run_dir / "submit_scripts").glob(f"{tag}.*") if not p.suffix[1:]
+               .startswith("std")]
+    assert scripts and all("source " in p.read_text() and "parsl-aurora-env" not in
+                           p.read_text() for p in scripts), scripts
     wait_for(lambda: not leftovers(guide.home), "no process of the campaign left", 120)

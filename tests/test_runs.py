@@ -140,6 +140,12 @@ def test_job_states_in_words(job, words):
     assert runs.job_state(job, "qstat failed") == ("unknown", "")
 
 
+def test_short_ids_are_what_qstat_lists():
+    assert runs.short_id("1234.aurora-pbs-0001.hostmgmt.cm.aurora.alcf.anl.gov") == \
+        "1234.aurora-pbs-0001"
+    assert runs.short_id("1234") == "1234"
+
+
 def test_pbs_commands_golden():
     from parsl_aurora.provider import history_command
 
@@ -357,7 +363,8 @@ def test_cleanup_after_the_driver_is_killed_deletes_that_runs_jobs_only(cluster,
         alive = cluster.run("parsl-aurora", "status", cwd=flow.folder, env=env)
         assert alive.returncode == 0, alive.stderr
         assert f"driver: running (pid {pid} on " in alive.stdout, alive.stdout
-        assert "24 in all" in alive.stdout and all(j in alive.stdout for j in ledger)
+        assert "24 in all" in alive.stdout
+        assert all(f"{runs.short_id(j)} " in alive.stdout for j in ledger), alive.stdout
         refused = cluster.run("parsl-aurora", "cleanup", cwd=flow.folder, env=env)
         assert refused.returncode == 2 and f"`kill {pid}`" in refused.stderr, refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr

@@ -37,6 +37,10 @@ LIVE = ("Q", "H", "W", "T", "S", "R", "B")
 STATE_WORDS = {"Q": "queued", "H": "held", "W": "waiting", "T": "in transit", "S": "suspended",
                "R": "running", "B": "running (array)", "E": "ending", "F": "finished",
                "M": "moved", "X": "expired"}
+# On a terminal: what runs green, what waits yellow, what cannot be known red.
+STATE_STYLES = {"running": "green", "running (array)": "green", "queued": "yellow",
+                "held": "yellow", "waiting": "yellow", "suspended": "yellow", "unknown": "red",
+                "finished": "dim", "gone": "dim"}
 # Exit_status values PBS gives jobs it ended (../shared/reference/openpbs.md).
 EXIT_WORDS = {0: "exit 0", -29: "walltime reached", 271: "deleted (qdel: SIGTERM)",
               265: "killed (SIGKILL)"}
@@ -391,6 +395,12 @@ def status(path: str | os.PathLike, environ: Mapping[str, str] | None = None) ->
     return out
 
 
+def short_id(job_id: str) -> str:
+    """`1234.aurora-pbs-0001` for `1234.aurora-pbs-0001.hostmgmt.cm...`: what qstat's listings
+    show, and qstat and qdel take."""
+    return ".".join(job_id.split(".")[:2])
+
+
 def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
@@ -420,6 +430,7 @@ def render(s: Status, console) -> None:
     the run's PBS jobs."""
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     def say(text: str) -> None:
         console.print(text, highlight=False, soft_wrap=True, markup=False)
@@ -439,9 +450,12 @@ def render(s: Status, console) -> None:
         say(f"PBS jobs: {len(s.blocks)} submitted, {seen}")
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, highlight=False)
         for col in ("block", "job id", "state", "submitted", "note"):
-            table.add_column(col, no_wrap=True)
+            # Only the note wraps, on a narrow terminal; ids, states and times stay whole.
+            table.add_column(col, no_wrap=col != "note", overflow="fold")
         for b in s.blocks:
-            table.add_row(b.block, b.job_id, b.state, _when(b.submitted), b.note)
+            table.add_row(b.block, short_id(b.job_id),
+                          Text(b.state, style=STATE_STYLES.get(b.state, "")),
+                          _when(b.submitted), b.note)
         console.print(table)
     else:
         say("PBS jobs: none recorded (pbs_jobs.txt lists each job a PBS mode submits; an in_job "
