@@ -64,6 +64,8 @@ OTHER_FIX = ("Fix: rebuild the image from this checkout (`make image`) or run th
              "inside it")
 INSTALL_FIX = "Install it: `sudo bash .ci/install-apptainer` (Debian 12), or `module load apptainer`"
 VERIFY_FIX = "Fix: check --verify-key public.pem is the publisher's public key, or republish"
+RUN_FIX = ("Fix: run this in the folder the workflow ran in, or name the run, e.g. "
+           "`parsl-aurora status path/to/runinfo/003`")
 NOT_A_SIF = "cannot read the Parsl version of image '{dir}/junk.sif': FATAL:"
 
 CASES = [
@@ -262,6 +264,13 @@ CASES = [
          "signature check failed: the published digest oras://{registry}:good.sha256: it is "
          "not signed by this key",
          VERIFY_FIX, files={"public.pem": "@stranger_pub"}, needs="registry", echo=True),
+    # ------------------------------------------------ watching and cleaning up runs
+    Case("status-no-run", "asked for a run's status in a folder where no workflow ran",
+         "parsl-aurora status", "RUN_DIR='runinfo' is not valid: expected a Parsl run "
+         "directory (runinfo/NNN, holding parsl.log) or a folder of them.", RUN_FIX),
+    Case("cleanup-not-a-run", "named a folder that holds no run to clean up",
+         "parsl-aurora cleanup output", "RUN_DIR='output' is not valid: expected a Parsl run "
+         "directory", RUN_FIX, files={"output/result.txt": "42\n"}),
 ]
 
 

@@ -256,3 +256,30 @@ def test_a_job_that_can_never_run_stays_queued(real_pbs):
     real_pbs.run("qdel", job_id, cwd=d)
     done = real_pbs.wait_state(job_id, "F")
     assert "Exit_status" not in done and done["substate"] == 91
+
+
+def test_qstat_u_lists_a_users_jobs_with_the_name_cut_after_a_run_tag(cluster):
+    """`qstat -u USER`, PBS's alternate listing, shows 9 characters of a job name and a `*`:
+    a parsl-aurora job's run tag (pa + 6 hex digits) and its dot. -u and JSON do not mix."""
+    d = cluster.workdir()
+    job_id = cluster.submit(d, "sleep 300\n", "-N", "pa1b2c3d.12.1796214245.81",
+                            directives=("-l select=1:ncpus=1", "-l walltime=0:02:00"))
+    cluster.wait_state(job_id, "R")
+    out = cluster.run("qstat", "-u", cluster.user, cwd=d)
+    lines = out.stdout.splitlines()
+    assert (out.returncode, lines[:5]) == (0, [
+        "", f"{SERVER}: ",
+        "                                                            Req'd  Req'd   Elap",
+        "Job ID          Username Queue    Jobname    SessID NDS TSK Memory Time  S Time",
+        "--------------- -------- -------- ---------- ------ --- --- ------ ----- - -----"]), \
+        out.stdout
+    row = next(line for line in lines[5:] if line.startswith(job_id.split(".")[0] + "."))
+    assert row[:15] == job_id[:14] + "*", row
+    assert row[15:45] == f" {cluster.user:<8} workq    pa1b2c3d.* ", row
+    # Session, nodes, CPUs, memory, walltime, state, elapsed. While a job starts it has no
+    # session or elapsed time yet: `--`, printed one column short of the field's edge.
+    assert re.fullmatch(r"(   -- |\s*\d+)   1   1    --  00:02 R(   --| \d\d:\d\d)",
+                        row[45:].rstrip()), row
+    mixed = cluster.run("qstat", "-f", "-F", "json", "-u", cluster.user, cwd=d)
+    assert (mixed.returncode, mixed.stderr.splitlines()[0]) == (2, "qstat: conflicting options.")
+    assert cluster.run("qstat", "-u", "nobody", cwd=d).stdout == ""

@@ -1,4 +1,5 @@
-"""The `parsl-aurora` command: dry-run renders of site configs (and, later, image tools).
+"""The `parsl-aurora` command: dry-run renders of site configs, image tools, the PBS bridge, and
+a run's status and cleanup.
 
 Errors, usage mistakes included, print as one line and exit 2; --debug shows the traceback.
 """
@@ -123,6 +124,21 @@ def cmd_pbs_bridge(args) -> int:
     return run_bridged(command)
 
 
+def cmd_status(args) -> int:
+    from parsl_aurora import runs
+
+    runs.render(runs.status(args.run_dir), runs.console())
+    return 0
+
+
+def cmd_cleanup(args) -> int:
+    from parsl_aurora import runs
+
+    for line in runs.cleanup_lines(runs.cleanup(args.run_dir, force=args.force)):
+        print(line)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line with the fix, like every other error here.
 
@@ -138,7 +154,7 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="parsl-aurora",
         description="Run Parsl on ALCF Aurora from one frozen environment: render site configs, "
-                    "inspect and fetch images.")
+                    "inspect and fetch images, watch and clean up runs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = sub.add_parser(
@@ -182,6 +198,26 @@ def parser() -> argparse.ArgumentParser:
                     "authenticate to PBS itself; the bridge ends with the command.")
     br.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     br.set_defaults(func=cmd_pbs_bridge)
+    st = sub.add_parser(
+        "status", help="a run's PBS jobs and their states, its tasks, where its logs are",
+        description="Show a workflow run: its PBS jobs (blocks) with their states from one "
+                    "`qstat -x` call, its tasks done/failed/pending from parsl.log, whether its "
+                    "driver still runs, and where its logs are. Works while the driver runs and "
+                    "after it died.")
+    st.add_argument("run_dir", nargs="?", default="runinfo", metavar="RUN_DIR",
+                    help="runinfo/NNN, or a folder of runs for its newest (default: runinfo)")
+    st.set_defaults(func=cmd_status)
+    cl = sub.add_parser(
+        "cleanup", help="qdel the jobs of a run that are still queued or running",
+        description="Delete (qdel) exactly the jobs of RUN_DIR's run that are queued or "
+                    "running: those in its pbs_jobs.txt and those named with its tag; no other "
+                    "job. Refuses while the run's driver still runs. Running it again deletes "
+                    "nothing more.")
+    cl.add_argument("run_dir", nargs="?", default="runinfo", metavar="RUN_DIR",
+                    help="runinfo/NNN, or a folder of runs for its newest (default: runinfo)")
+    cl.add_argument("--force", action="store_true",
+                    help="delete even when the driver seems to run (on another login node)")
+    cl.set_defaults(func=cmd_cleanup)
     return p
 
 

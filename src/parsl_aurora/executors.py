@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from pathlib import Path
 
@@ -25,10 +24,18 @@ class _Patient:
     """Mixin for a block-based Parsl executor whose provider may ask to be left alone."""
 
     def start(self):
-        # Job names then begin with this run's tag (`qstat -u $USER` shows which run is which).
+        from parsl_aurora.runs import record_interchange, start_run
+
+        # The run's tag and driver, in run_dir/run.json for `parsl-aurora status` and
+        # `cleanup`; PBS job names begin with the tag (`qstat -u $USER` shows whose run).
+        tag = start_run(self.run_dir)
         if hasattr(self.provider, "run_tag"):
-            self.provider.run_tag = "pa" + secrets.token_hex(3)
-        return super().start()
+            self.provider.run_tag = tag
+        started = super().start()
+        interchange = getattr(self, "interchange_proc", None)
+        if interchange is not None:  # it outlives a killed driver: cleanup ends it
+            record_interchange(self.run_dir, interchange.pid)
+        return started
 
     def scale_out_facade(self, n: int):
         holding_off = getattr(self.provider, "holding_off", None)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import subprocess
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from parsl.jobs.states import JobState, JobStatus
@@ -71,6 +73,47 @@ def parse_qstat(stdout: str, rc: int) -> dict[str, dict] | None:
     return doc.get("Jobs", {})
 
 
+def history_command(job_ids: Iterable[str]) -> list[str]:
+    """One qstat for jobs whether they run or ended (-x), in PBS's JSON."""
+    return ["qstat", "-x", "-f", "-F", "json", *job_ids]
+
+
+def lookup(jobs: Mapping[str, dict], job_id: str) -> dict | None:
+    # qstat may print an id shortened; PBS's own ids start with the same sequence number.
+    return jobs.get(job_id) or next((j for k, j in jobs.items() if job_id.startswith(k)), None)
+
+
+def query_jobs(job_ids: list[str], run: Callable[[list[str]], tuple[int, str, str]]
+               ) -> tuple[dict[str, dict] | None, str]:
+    """(qstat's record of each job it knows, why not) from `qstat -x -f -F json IDS`, run by
+    RUN(argv) -> (exit code, stdout, stderr); (None, why) when qstat failed.
+
+    OpenPBS built from its main branch (23.06.06-85 here; openpbs/openpbs#2672) prints only the
+    first job it finds when given several ids in JSON, with exit 0 and nothing on stderr. A job
+    left out of the answer without an error naming it is therefore asked about again alone; a
+    job PBS no longer knows is named on stderr (`Unknown Job Id`) and stays out: it ended.
+    """
+    rc, out, err = run(history_command(job_ids))
+    jobs = parse_qstat(out, rc)
+    if jobs is None:
+        return None, f"exit {rc}: {first_line(err) or first_line(out)[:80] or 'no output'}"
+    if len(job_ids) > 1:
+        for job_id in job_ids:
+            if lookup(jobs, job_id) is None and job_id.split(".")[0] not in _named(err):
+                rc, out, err1 = run(history_command([job_id]))
+                one = parse_qstat(out, rc)
+                if one is None:
+                    return None, f"exit {rc}: {first_line(err1) or first_line(out)[:80]}"
+                jobs.update(one)
+    return jobs, ""
+
+
+def _named(stderr: str) -> set[str]:
+    """Sequence numbers of the jobs qstat's error lines name (`qstat: Unknown Job Id 12.srv`)."""
+    return {word.split(".")[0] for line in stderr.splitlines() for word in line.split()
+            if word[:1].isdigit()}
+
+
 class PBSProProvider(_ParslPBSProProvider):
     def __init__(self, *, status_polling_interval: float = 60,
                  backoff: tuple[float, float] = (2.0, 60.0), **kwargs):
@@ -82,7 +125,9 @@ class PBSProProvider(_ParslPBSProProvider):
         self._qstat_failures = 0
         self.last_refusal = ""  # qsub's stderr, the last time it refused
         self.fatal = ""  # a refusal no retry can change, in one line with its fix
-        self.run_tag = ""  # set by the executor: job names then show which run they belong to
+        # Set by the executor (parsl_aurora.runs.start_run): every job name of the run begins
+        # with it, so `qstat -u $USER` shows which run a job belongs to.
+        self.run_tag = ""
 
     # ------------------------------------------------------------ qsub
     def holding_off(self) -> bool:
@@ -100,7 +145,8 @@ class PBSProProvider(_ParslPBSProProvider):
             job_id = None
         if job_id:
             self._submit_failures = 0
-            self._record(job_id, job_name)
+            # The name PBS got: Parsl appends the submission time to the one it is given.
+            self._record(job_id, Path(self.resources[job_id]["job_stdout_path"]).stem)
             return job_id
         rc, out, err = self._last
         self.last_refusal = first_line(err) or first_line(out) or f"exit status {rc}"
@@ -115,7 +161,8 @@ class PBSProProvider(_ParslPBSProProvider):
         return None
 
     def _record(self, job_id: str, job_name: str) -> None:
-        """One line per submitted job in <run_dir>/pbs_jobs.txt, for `parsl-aurora status`."""
+        """One line per submitted job in <run_dir>/pbs_jobs.txt (`id<TAB>name<TAB>unix time`),
+        for `parsl-aurora status` and `cleanup` (parsl_aurora.runs)."""
         if self.script_dir:
             with open(Path(self.script_dir).parent / "pbs_jobs.txt", "a") as f:
                 f.write(f"{job_id}\t{job_name}\t{time.time():.0f}\n")
@@ -131,23 +178,20 @@ class PBSProProvider(_ParslPBSProProvider):
         return max(self._interval, backoff_delay(self._qstat_failures, self._interval, cap))
 
     def _status(self):
-        ids = list(self.resources)
-        try:
-            rc, out, err = self.execute_wait("qstat -x -f -F json " + " ".join(ids))
-        except (OSError, subprocess.SubprocessError) as e:  # a hung qstat: keep what we knew
-            rc, out, err = -1, "", f"{type(e).__name__}: {e}"
-        jobs = parse_qstat(out, rc)
+        # Jobs seen ending cannot change: over a week-long run, qstat is asked only about the
+        # few that are queued or running.
+        ids = [job_id for job_id, r in self.resources.items() if not r["status"].terminal]
+        if not ids:
+            return
+        jobs, why = query_jobs(ids, self._run_qstat)
         if jobs is None:
             self._qstat_failures += 1
-            logger.warning("qstat failed (exit %s: %s); keeping the last known job states, "
-                           "next try in %.0f s", rc, first_line(err) or first_line(out)[:80],
-                           self.status_polling_interval)
+            logger.warning("qstat failed (%s); keeping the last known job states, next try in "
+                           "%.0f s", why, self.status_polling_interval)
             return
         self._qstat_failures = 0
         for job_id in ids:
-            # qstat may print an id shortened; PBS's own ids start with the same sequence number.
-            job = jobs.get(job_id) or next((j for k, j in jobs.items() if job_id.startswith(k)),
-                                           None)
+            job = lookup(jobs, job_id)
             paths = {"stdout_path": self.resources[job_id]["job_stdout_path"],
                      "stderr_path": self.resources[job_id]["job_stderr_path"]}
             if job is None:  # gone from the history: it ended
@@ -159,3 +203,9 @@ class PBSProProvider(_ParslPBSProProvider):
                 state, message=job.get("comment"),
                 exit_code=code if code is not None and code not in ENDED_BY_PBS else None,
                 **paths)
+
+    def _run_qstat(self, argv: list[str]) -> tuple[int, str, str]:
+        try:
+            return self.execute_wait(shlex.join(argv))
+        except (OSError, subprocess.SubprocessError) as e:  # a hung qstat: keep what we knew
+            return -1, "", f"{type(e).__name__}: {e}"

@@ -143,9 +143,9 @@ def qsub(args: list[str], stdin_text: str | None = None) -> str:
     return job["id"]
 
 
-def parse_qstat(args: list[str]) -> tuple[set[str], list[str]]:
-    """qstat's flags (f, x, H, json) and the job ids asked for."""
-    flags, ids = set(), []
+def parse_qstat(args: list[str]) -> tuple[set[str], list[str], list[str]]:
+    """qstat's flags (f, x, H, json), the job ids asked for, and the users of `-u`."""
+    flags, ids, users = set(), [], []
     i = 0
     while i < len(args):
         a = args[i]
@@ -154,16 +154,26 @@ def parse_qstat(args: list[str]) -> tuple[set[str], list[str]]:
             flags.add(args[i] if i < len(args) else "")
         elif a.startswith("-F"):
             flags.add(a[2:])
+        elif a == "-u" or (a.startswith("-u") and len(a) > 2):
+            if a == "-u":
+                i += 1
+            users += (args[i] if a == "-u" and i < len(args) else a[2:]).split(",")
         elif a.startswith("-"):
             flags.update(a[1:])
         else:
             ids.append(a)
         i += 1
-    return flags, ids
+    return flags, ids, users
 
 
 def qstat(args: list[str]) -> tuple[str, str, int]:
-    flags, ids = parse_qstat(args)
+    flags, ids, users = parse_qstat(args)
+    if users:
+        if "json" in flags:  # -u is for listings; PBS refuses it with JSON
+            return "", "qstat: conflicting options.\n", 2
+        jobs = [j for j in store.all_jobs(store.state_dir())
+                if j["owner"] in users and j["state"] != "F"]
+        return render.alternate(jobs), "", 0
     history = bool(flags & {"x", "H"})
     d = store.state_dir()
     errors, code, jobs = [], 0, {}

@@ -89,3 +89,38 @@ def table(jobs: list[dict], now: float | None = None) -> str:
         lines.append(f"{short_id(j['id']):<17} {j['name'][:16]:<16} {j['owner'][:16]:<16}  "
                      f"{used:>8} {j['state']} {j['queue']:<15}")
     return "\n".join(lines) + "\n"
+
+
+def _cut(text: str, width: int) -> str:
+    """PBS's alternate listing cuts a long field to WIDTH - 1 characters and a `*`."""
+    return text if len(text) <= width else text[:width - 1] + "*"
+
+
+def _hm(seconds: float) -> str:
+    m = int(seconds) // 60
+    return f"{m // 60:02d}:{m % 60:02d}"
+
+
+def alternate(jobs: list[dict], now: float | None = None) -> str:
+    """`qstat -u USER`: PBS's alternate listing, headed by the server's name (empty when no job
+    is listed). Job names are cut to 9 characters and a `*`: enough for a parsl-aurora run tag."""
+    if not jobs:
+        return ""
+    now = time.time() if now is None else now
+    lines = ["", f"{SERVER}: ",
+             " " * 60 + "Req'd  Req'd   Elap",
+             "Job ID          Username Queue    Jobname    SessID NDS TSK Memory Time  S Time",
+             "--------------- -------- -------- ---------- ------ --- --- ------ ----- - -----"]
+    for j in jobs:
+        session = str(j.get("pid") or "--") if j["stime"] else "--"
+        elapsed = _hm((j["etime"] or now) - j["stime"]) if j["stime"] else "--"
+        lines.append(f"{_cut(j['id'], 15):<15} {_cut(j['owner'], 8):<8} "
+                     f"{_cut(j['queue'], 8):<8} {_cut(j['name'], 10):<10} {_right(session, 6)} "
+                     f"{j['nodes']:>3} {j['ncpus'] * j['nodes']:>3} {_right('--', 6)} "
+                     f"{_hm(j['seconds']):>5} {j['state']} {_right(elapsed, 5)}")
+    return "\n".join(lines) + "\n"
+
+
+def _right(value: str, width: int) -> str:
+    # PBS prints an absent value, `--`, one column short of the field's right edge.
+    return f"{value:>{width - 1}} " if value == "--" else f"{value:>{width}}"
