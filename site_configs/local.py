@@ -52,7 +52,7 @@ def site(n: Node) -> Site:
         real_pbs=False,
         # The fake's qstat and heartbeats are cheap and local: notice lost pools and ended jobs
         # within seconds, so walltime and crash tests finish in about a minute.
-        heartbeat=(1, 5),
+        heartbeat=(2, 15),
         qstat_interval=1,
     )
 

@@ -38,7 +38,7 @@ def site(n: Node) -> Site:
         interface="lo",
         real_pbs=True,
         # Real PBS notices walltime every 1-5 s here and qstat is cheap on one machine.
-        heartbeat=(1, 5),
+        heartbeat=(2, 15),
         qstat_interval=1,
     )
 

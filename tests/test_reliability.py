@@ -233,3 +233,18 @@ def test_monitoring_database_holds_the_tasks(fake, request):
     assert {name for _, name in tasks} == {"work"}
     assert tries == 12 and workflows == 1
     assert no_leftovers(flow.folder) == []
+
+
+# ------------------------------------------------------------------------------ parsl.log
+def test_an_idle_run_does_not_fill_its_log(fake, request):
+    """At a 0.05 s strategy tick Parsl writes debug lines every tick (about 80 kB/s, 7 GB a day
+    of a week-long campaign). None of those; Parsl's scaling decisions stay."""
+    from parsl_aurora.modes import TICK_LOGGERS
+
+    flow = Flow(fake, request, "multi_job", 1, 10)  # one task: 200 ticks with nothing to do
+    flow.run()
+    log = next((flow.folder / "runinfo").glob("*/parsl.log")).read_text().splitlines()
+    ticks = [line for line in log if " DEBUG: " in line and any(f" {n}:" in line
+                                                                for n in TICK_LOGGERS)]
+    assert ticks == [], ticks[:5]
+    assert any("Scaling out by 1 blocks" in line for line in log)
