@@ -132,6 +132,16 @@ def test_docker_base_needs_a_digest():
         img.base_for("docker", None)
 
 
+def test_the_pinned_base_is_the_default_where_debootstrap_cannot_work():
+    """Aurora's SLES has neither debootstrap nor a Debian mirror: the pinned docker base."""
+    assert img.default_bootstrap(None, have_debootstrap=True, have_mirror=True) == "debootstrap"
+    assert img.default_bootstrap(None, have_debootstrap=False, have_mirror=False) == "docker"
+    assert img.default_bootstrap(None, have_debootstrap=True, have_mirror=False) == "docker"
+    assert img.default_bootstrap("sha256:" + "b" * 64, True, True) == "docker"
+    assert img.base_for("docker", img.BASE_DIGEST) == f"debian@{img.BASE_DIGEST}"
+    assert len(img.BASE_DIGEST) == len("sha256:") + 64
+
+
 def test_build_args_make_the_labels():
     args = img.build_args(base_sif=".image-cache/base-k.sif", pyproject_text=PYPROJECT,
                           lock_text=b"x", git_commit="abc", source_date_epoch=1736812800,

@@ -48,10 +48,14 @@ PYTHON_VERSION = "3.11"
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64",
              "linux_x86_64")
 UV_PLATFORM = "x86_64-manylinux_2_28"
-# Aurora's base: the digest is the builder's to give (`--base-digest`); docker references
-# cannot carry both a tag and a digest, so a pinned base is `debian@sha256:...`.
+# The base where debootstrap cannot work (Aurora's SLES): Debian 12 slim pinned by digest, the
+# multi-arch index of the dated tag debian:bookworm-20260918-slim as Docker's official-images
+# record it (docker-library/repo-info, repos/debian/remote/bookworm-20260918-slim.md).
+# `--base-digest` names another; docker references cannot carry both a tag and a digest, so a
+# pinned base is `debian@sha256:...`.
 BASE_TAG = "debian:12-slim"
 BASE_REPO = "debian"
+BASE_DIGEST = "sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251"
 # What the project layer is built from, besides the defs and the lock.
 SOURCES = ("pyproject.toml", "README.md", "src/parsl_aurora/**/*", "site_configs/**/*",
            "container/scripts/*")
@@ -400,6 +404,20 @@ def build_options(args: Mapping[str, str]) -> list[str]:
     return opts
 
 
+def default_bootstrap(base_digest: str | None, have_debootstrap: bool, have_mirror: bool) -> str:
+    """debootstrap from the host's Debian mirror where the host has both (this CI); the pinned
+    docker base everywhere else (Aurora's SLES compute nodes), or when a digest is given."""
+    return "debootstrap" if have_debootstrap and have_mirror and not base_digest else "docker"
+
+
+def _has_apt_sources() -> bool:
+    try:
+        _host_mirror()
+    except (ImageError, OSError):
+        return False
+    return True
+
+
 def base_for(bootstrap: str, base_digest: str | None) -> str:
     if bootstrap == "debootstrap":
         return BASE_TAG  # unused by debootstrap; keeps the header well-formed
@@ -726,8 +744,9 @@ def build(root: Path, image: Path, *, bootstrap: str | None = None,
         raise ImageError(f"{root / LOCK} is missing: run `nox -s lock` "
                          "(python -m parsl_aurora.image lock)")
     prov = prov or provenance(root)
-    bootstrap = bootstrap or ("docker" if base_digest else "debootstrap")
-    base = base_for(bootstrap, base_digest)
+    bootstrap = bootstrap or default_bootstrap(base_digest, bool(shutil.which("debootstrap")),
+                                               _has_apt_sources())
+    base = base_for(bootstrap, base_digest or BASE_DIGEST)
     mirror = _host_mirror() if bootstrap == "debootstrap" else "unused-by-docker"
     want = stamp(root, [bootstrap, base, mirror, prov.commit, str(prov.source_date_epoch),
                         str(prov.base_source_date_epoch), apptainer_version(), SQUASHFS_ARGS])
@@ -815,8 +834,10 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="build aurora.sif (skipped when up to date)")
     b.add_argument("--image", type=Path, default=None, help=f"output (default: ROOT/{IMAGE})")
     b.add_argument("--bootstrap", choices=("docker", "debootstrap"), default=None,
-                   help="default: docker when --base-digest is given, else debootstrap")
-    b.add_argument("--base-digest", default=None, help=f"sha256:... of {BASE_TAG}")
+                   help="default: debootstrap where the host has it and a Debian mirror "
+                        "(this CI), else docker from the pinned base (Aurora's SLES)")
+    b.add_argument("--base-digest", default=None,
+                   help=f"sha256:... of {BASE_TAG} (default: {BASE_DIGEST[:19]}..., pinned)")
     b.add_argument("--force", action="store_true", help="rebuild even when up to date")
     b.add_argument("--extra", type=Path, default=None, metavar="REQUIREMENTS",
                    help="also build aurora-NAME.sif: the image plus these packages, locked "
