@@ -436,12 +436,17 @@ def _htex_tiles(site: Site, node: Node, provider, block: Block, robust: dict):
     )
 
 
-def _pbs_provider(site: Site, node: Node, *, account, queue, walltime, filesystems,
-                  scheduler_options, select_options, nodes_per_job, max_jobs, launcher,
-                  block: Block):
+def _pbs_blocks(site: Site, node: Node, mode: str, launcher, *, account, queue, walltime,
+                filesystems, scheduler_options, select_options, nodes_per_job, max_jobs,
+                run_dir, **block_options) -> tuple[Block, object]:
+    """What the PBS modes share once the request is checked: PBS reachable, the block's lines
+    and command, the fake's environment where the site is the fake, and the provider."""
     from parsl_aurora.provider import PBSProProvider
 
-    return PBSProProvider(
+    _pbs_reachable(site)
+    block = _block(site, node, mode, run_dir=run_dir, **block_options)
+    _prepare(site, run_dir)
+    return block, PBSProProvider(
         account=account,
         queue=queue,
         walltime=walltime,
@@ -489,17 +494,14 @@ def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
     # Parsl is imported once the cheap checks pass: a refused request answers at once.
     from parsl.launchers import MpiExecLauncher
 
-    _pbs_reachable(site)
-    block = _block(site, node, "multi_job", worker_init=worker_init, run_dir=run_dir,
-                   container=container, binds=binds, interface=interface, address=address,
-                   hierarchy=hierarchy, activate=activate)
-    _prepare(site, run_dir)
-    provider = _pbs_provider(
-        site, node, account=account, queue=queue, walltime=walltime, filesystems=filesystems,
-        scheduler_options=scheduler_options, select_options=select_options,
-        nodes_per_job=nodes_per_job, max_jobs=max_jobs, block=block,
+    block, provider = _pbs_blocks(
         # PALS spells binding --cpu-bind (it rejects --bind-to); one pool per node.
-        launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1"))
+        site, node, "multi_job", MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1"),
+        account=account, queue=queue, walltime=walltime, filesystems=filesystems,
+        scheduler_options=scheduler_options, select_options=select_options,
+        nodes_per_job=nodes_per_job, max_jobs=max_jobs, run_dir=run_dir,
+        worker_init=worker_init, container=container, binds=binds, interface=interface,
+        address=address, hierarchy=hierarchy, activate=activate)
     executor = _htex_tiles(site, node, provider, block, _robust(site, drain, encrypted, block))
     return _config(executor, retries=retries, run_dir=run_dir, resume=resume,
                    monitoring=monitoring)
@@ -541,17 +543,14 @@ def mpi_ensemble(site: Site, node: Node, *, account: str, nodes_per_task: int = 
 
     from parsl_aurora.executors import MPIExecutor
 
-    _pbs_reachable(site)
-    block = _block(site, node, "mpi_ensemble", worker_init=worker_init, run_dir=run_dir,
-                   container=container, binds=binds, interface=interface, address=address,
-                   hierarchy=hierarchy, activate=activate)
-    _prepare(site, run_dir)
-    provider = _pbs_provider(
-        site, node, account=account, queue=queue, walltime=walltime, filesystems=filesystems,
-        scheduler_options=scheduler_options, select_options=select_options,
-        nodes_per_job=nodes_per_job, max_jobs=max_jobs, block=block,
+    block, provider = _pbs_blocks(
         # One pool on the first node; each task's mpiexec spreads over its slot's nodes.
-        launcher=SimpleLauncher())
+        site, node, "mpi_ensemble", SimpleLauncher(),
+        account=account, queue=queue, walltime=walltime, filesystems=filesystems,
+        scheduler_options=scheduler_options, select_options=select_options,
+        nodes_per_job=nodes_per_job, max_jobs=max_jobs, run_dir=run_dir,
+        worker_init=worker_init, container=container, binds=binds, interface=interface,
+        address=address, hierarchy=hierarchy, activate=activate)
     executor = MPIExecutor(
         label="mpi_tasks",
         max_workers_per_block=nodes_per_job // nodes_per_task,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from parsl_aurora import image as img
 from parsl_aurora.errors import ImageError, run_main
+from parsl_aurora.publish import sha256_file
 
 PACKAGES = ("import importlib.metadata as m; "
             "print('\\n'.join(sorted(f'{d.name}=={d.version}' for d in m.distributions())))")
@@ -57,14 +58,6 @@ def manifest(root: Path) -> dict[str, str]:
 
 def diff(a: dict[str, str], b: dict[str, str]) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def describe(image: Path, work: Path) -> dict:
