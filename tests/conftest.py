@@ -208,6 +208,7 @@ def cluster(request, tmp_path):
     c = fake_cluster(tmp_path) if request.param == "fake" else real_cluster(PBS_USER, PBS_BIN)
     yield c
     c.cleanup()
+    c.settle()
 
 
 @pytest.fixture
@@ -218,6 +219,7 @@ def real_pbs():
     c = real_cluster(PBS_USER, PBS_BIN)
     yield c
     c.cleanup()
+    c.settle()
 
 
 @pytest.fixture(scope="session")

@@ -343,11 +343,9 @@ def test_cleanup_after_the_driver_is_killed_deletes_that_runs_jobs_only(cluster,
     flow = Flow(cluster, request, "multi_job", 24, 600, max_jobs=2, queue="workq",
                 allow_unlisted_queue=True, walltime="0:15:00")
     run_dir = flow.folder / "runinfo" / "000"
-    # The fake keeps a run's PBS in runinfo/fake (the local site's choice); jobs submitted
-    # by hand must reach the same server.
+    # Jobs submitted by hand reach the run's PBS: the fake's driver keeps the cluster's
+    # PARSL_AURORA_FAKE_DIR, which flow.env carries.
     env = dict(flow.env)
-    if cluster.kind == "fake":
-        env["PARSL_AURORA_FAKE_DIR"] = str(flow.folder / "runinfo" / "fake")
     others: list[str] = []
     driver = flow.start()
     try:

@@ -184,7 +184,15 @@ def _shut_out(ex, pool: subprocess.Popen, block_id: str, marker: Path, future) -
 
 def _runs_the_task(ex, pool: subprocess.Popen, block_id: str, marker: Path, future) -> None:
     """POOL registers and runs the task itself (the pid is one of its workers)."""
-    pid = future.result(timeout=EVENTUALLY_S)
+    try:
+        pid = future.result(timeout=EVENTUALLY_S)
+    except TimeoutError:  # say what the pool and the interchange saw
+        interchange = Path(ex.logdir, "interchange.log")
+        raise AssertionError(
+            f"{block_id}: no result in {EVENTUALLY_S} s; alive={pool.poll() is None}; "
+            f"managers={ex.connected_managers()}\nmanager.log: {_manager_log(ex, block_id)[-3000:]}"
+            f"\ninterchange.log: {interchange.read_text()[-3000:] if interchange.exists() else '-'}"
+        ) from None
     assert marker.read_text() == str(pid)
     assert pid in {p.pid for p in psutil.Process(pool.pid).children(recursive=True)}
     assert [m["block_id"] for m in ex.connected_managers()] == [block_id]

@@ -410,6 +410,14 @@ def default_bootstrap(base_digest: str | None, have_debootstrap: bool, have_mirr
     return "debootstrap" if have_debootstrap and have_mirror and not base_digest else "docker"
 
 
+# debootstrap lives in /usr/sbin, which a user's login PATH on Debian leaves out.
+SBIN = "/usr/sbin:/sbin"
+
+
+def _debootstrap() -> str | None:
+    return shutil.which("debootstrap", path=f"{os.environ.get('PATH', os.defpath)}:{SBIN}")
+
+
 def _has_apt_sources() -> bool:
     try:
         _host_mirror()
@@ -676,6 +684,7 @@ def _build_env(apptainer_exe: str, root: Path, source_date_epoch: int) -> Iterat
         if not shutil.which("singularity"):
             os.symlink(apptainer_exe, Path(shim) / "singularity")
             os.environ["PATH"] = f"{shim}{os.pathsep}{os.environ['PATH']}"
+        os.environ["PATH"] += f"{os.pathsep}{SBIN}"  # apptainer's debootstrap bootstrap
         os.environ["SOURCE_DATE_EPOCH"] = str(source_date_epoch)
         os.chdir(root)
         try:
@@ -744,7 +753,7 @@ def build(root: Path, image: Path, *, bootstrap: str | None = None,
         raise ImageError(f"{root / LOCK} is missing: run `nox -s lock` "
                          "(python -m parsl_aurora.image lock)")
     prov = prov or provenance(root)
-    bootstrap = bootstrap or default_bootstrap(base_digest, bool(shutil.which("debootstrap")),
+    bootstrap = bootstrap or default_bootstrap(base_digest, bool(_debootstrap()),
                                                _has_apt_sources())
     base = base_for(bootstrap, base_digest or BASE_DIGEST)
     mirror = _host_mirror() if bootstrap == "debootstrap" else "unused-by-docker"
