@@ -154,7 +154,9 @@ class Shell:
 
 
 def _copy_checkout(dest: Path, image: Path | None) -> None:
-    """The working tree as git sees it (tracked and new files, not ignored ones)."""
+    """The working tree as git sees it (tracked and new files, not ignored ones), with its
+    .git: `make image` records the commit, and so finds the copied image up to date."""
+    shutil.copytree(ROOT / ".git", dest / ".git", symlinks=True)
     names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, names):
