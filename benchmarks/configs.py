@@ -22,11 +22,15 @@ RUN_DIR = "runinfo"
 def fake_cluster(run_dir: str = RUN_DIR) -> str:
     """Point this process at the fake cluster (its qsub, qstat and mpiexec first on PATH) and
     return the worker_init that does the same in a block: the fake's stand-in for ALCF's
-    `source $HOME/_env/bin/activate; cd {execute_dir}`."""
+    `source $HOME/_env/bin/activate; cd {execute_dir}`, with ALCF's `export TMPDIR=/tmp`
+    (Parsl #3947: Aurora's TMPDIR, lengthened by mpiexec, overflows the 108-byte AF_UNIX path
+    of the pool's multiprocessing Manager; the fake's TMPDIR, deep in its state folder, does too).
+    """
     from parsl_aurora import fake
 
     os.environ.update(fake.environment(Path(run_dir, "fake")))
-    return f"export PATH={fake.bin_dir()}:{Path(sys.executable).parent}:$PATH; cd {os.getcwd()}"
+    return (f"export PATH={fake.bin_dir()}:{Path(sys.executable).parent}:$PATH TMPDIR=/tmp; "
+            f"cd {os.getcwd()}")
 
 
 def _tuned() -> dict:
