@@ -249,8 +249,9 @@ def locked_venv(parent: Path = WORK) -> Path:
     """A venv holding exactly the image's packages (container/requirements.lock, hash-checked,
     from the wheelhouse when there is one) and this checkout, so it and the image import the
     same code and only where it lives differs."""
-    wheels = ROOT / ".wheelhouse"
-    src = ["--no-index", "--find-links", str(wheels)] if wheels.is_dir() else []
+    # `make image` keeps the locked wheels in .wheelhouse/base (and pip's in .../project).
+    wheels = sorted(d for d in (ROOT / ".wheelhouse").glob("*") if d.is_dir())
+    src = ["--no-index", *(f"--find-links={d}" for d in wheels)] if wheels else []
     return _project(venv(parent / f"locked-venv-{_lock_key()}", "--require-hashes", "-r",
                          str(ROOT / LOCK), pip_args=["--no-deps", *src]))
 
