@@ -43,10 +43,13 @@ def where_am_i(task: int, meeting: str, tasks: int) -> dict:
 
 # cache=True lets a config's resume=True skip tasks a killed earlier run finished (else no-op).
 @bash_app(cache=True)
-def hello_affinity(stdout=None, stderr=None):
+def hello_affinity(task: int, meeting: str, tasks: int, stdout=None, stderr=None):
+    # Meets the others first, as where_am_i does, so each lands on its own worker and tile.
     # On Aurora and in the image, hello-affinity is on PATH (the bundle's stand-in for ALCF's
     # SYCL hello_affinity); swap in your own executable here.
-    return "hello-affinity"
+    return (f"touch {meeting}/{task}; for _ in $(seq 1200); do "
+            f"[ $(ls {meeting} | wc -l) -ge {tasks} ] && break; sleep 0.05; done; "
+            "hello-affinity")
 
 
 def cpu_ranges(cpus: list[int]) -> str:
@@ -74,13 +77,15 @@ def report(rows: list[dict]) -> None:
 
 def main() -> int:
     out = Path.cwd() / "output"
-    meeting = out / "running"
-    meeting.mkdir(parents=True, exist_ok=True)
-    for f in meeting.iterdir():
-        f.unlink()
+    meeting, hello_meeting = out / "running", out / "running-hello"
+    for folder in (meeting, hello_meeting):
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in folder.iterdir():
+            f.unlink()
     with parsl.load(site_configs.load()):
         rows = [where_am_i(i, str(meeting), 12) for i in range(12)]
-        hellos = [hello_affinity(stdout=str(out / f"hello_{i}.stdout"),
+        hellos = [hello_affinity(i, str(hello_meeting), 12,
+                                 stdout=str(out / f"hello_{i}.stdout"),
                                  stderr=str(out / f"hello_{i}.stderr")) for i in range(12)]
         # A bar on a terminal; in a log (nohup, PBS output) the run directory, then a line of
         # tasks done/failed/pending and blocks running every $PARSL_AURORA_PROGRESS_EVERY s.

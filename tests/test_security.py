@@ -118,23 +118,50 @@ def _pool_command(ex, block_id: str, cert_dir: str | os.PathLike | None = "keep"
     return words
 
 
+# Parsl 2025.1.13's pool attaches its connection monitor only after it has connected
+# (executors/high_throughput/probe.py), so on a loaded machine it can miss the connection and
+# exit after address_probe_timeout with this line (Parsl #1666 saw a tenth of managers do so
+# at scale). These tests are not about that: such a pool is started again.
+PROBE_MISSED = "No viable address found"
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill a pool and everything it started."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        parent = psutil.Process(proc.pid)
+        family = [*parent.children(recursive=True), parent]
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(family, timeout=10)
+    proc.wait(timeout=10)
+
+
 @contextlib.contextmanager
-def started(words: list[str], log: Path) -> Iterator[subprocess.Popen]:
-    """Start a worker pool; kill it and everything it started on the way out."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(words, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+def started(ex, block_id: str, words: list[str], log: Path) -> Iterator[subprocess.Popen]:
+    """Start a worker pool and wait until it is past the address probe (up to three starts);
+    kill it and everything it started on the way out."""
+    for attempt in range(1, 4):
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(words, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        deadline = time.monotonic() + EVENTUALLY_S
+        # Parsl's pool logs this right after its task thread sent the registration message.
+        while "Manager threads started" not in (text := _manager_log(ex, block_id)):
+            if text.count(PROBE_MISSED) >= attempt:
+                break
+            assert proc.poll() is None, f"{block_id} exited on start-up: {text[-2000:]}"
+            assert time.monotonic() < deadline, f"{block_id} did not start: {text[-2000:]}"
+            time.sleep(0.2)
+        else:
+            break
+        _kill(proc)
+    else:
+        raise AssertionError(f"{block_id}: the address probe missed the interchange 3 times")
     try:
         yield proc
     finally:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            parent = psutil.Process(proc.pid)
-            family = [*parent.children(recursive=True), parent]
-            for p in family:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    p.kill()
-            psutil.wait_procs(family, timeout=10)
-        proc.wait(timeout=10)
+        _kill(proc)
 
 
 def _manager_log(ex, block_id: str) -> str:
@@ -159,15 +186,7 @@ def _rogue_cert_dir(ex, where: Path) -> Path:
 
 def _shut_out(ex, pool: subprocess.Popen, block_id: str, marker: Path, future) -> None:
     """POOL gets as far as sending its registration, then for several heartbeat thresholds
-    it is never registered and never runs the task."""
-    log = ""
-    deadline = time.monotonic() + EVENTUALLY_S
-    # Parsl's pool logs this right after its task thread sent the registration message.
-    while "Manager threads started" not in log:
-        assert pool.poll() is None, f"{block_id} exited on start-up: {log[-2000:]}"
-        assert time.monotonic() < deadline, f"{block_id} did not start: {log[-2000:]}"
-        time.sleep(0.2)
-        log = _manager_log(ex, block_id)
+    it is never registered and never runs the task (`started` saw the registration sent)."""
     # An accepted pool is registered within one heartbeat period; watch for three thresholds.
     # (Shut out, Parsl's pool does not give up: its sends block on a handshake that never
     # completes, so it waits until it is killed.)
@@ -209,17 +228,17 @@ def test_pools_without_the_runs_keys_are_shut_out(tmp_path, restore_environ):
         # (a) No keys: Parsl's pool talks plain ZMQ to a CurveZMQ server.
         words = _pool_command(ex, "rogue-nokeys", cert_dir=None)
         assert words[words.index("--cert_dir") + 1] == "None"
-        with started(words, tmp_path / "nokeys.out") as pool:
+        with started(ex, "rogue-nokeys", words, tmp_path / "nokeys.out") as pool:
             _shut_out(ex, pool, "rogue-nokeys", marker, future)
 
         # (b) Wrong keys: its own client pair, and the server's public key.
         rogue = _rogue_cert_dir(ex, tmp_path / "rogue-certs")
-        with started(_pool_command(ex, "rogue-wrongkeys", cert_dir=rogue),
-                     tmp_path / "wrongkeys.out") as pool:
+        words = _pool_command(ex, "rogue-wrongkeys", cert_dir=rogue)
+        with started(ex, "rogue-wrongkeys", words, tmp_path / "wrongkeys.out") as pool:
             _shut_out(ex, pool, "rogue-wrongkeys", marker, future)
 
         # Control: the same command with this run's certificates registers and runs the task.
-        with started(_pool_command(ex, "good"), tmp_path / "good.out") as pool:
+        with started(ex, "good", _pool_command(ex, "good"), tmp_path / "good.out") as pool:
             _runs_the_task(ex, pool, "good", marker, future)
     assert no_leftovers(tmp_path) == []
 
@@ -233,8 +252,8 @@ def test_without_encryption_a_keyless_pool_gets_the_task(tmp_path, restore_envir
     with interchange_without_blocks(encrypted=False) as ex:
         assert ex.cert_dir is None
         future = leave_marker(str(marker))
-        with started(_pool_command(ex, "rogue-nokeys", cert_dir=None),
-                     tmp_path / "nokeys.out") as pool:
+        words = _pool_command(ex, "rogue-nokeys", cert_dir=None)
+        with started(ex, "rogue-nokeys", words, tmp_path / "nokeys.out") as pool:
             _runs_the_task(ex, pool, "rogue-nokeys", marker, future)
     assert no_leftovers(tmp_path) == []
 
