@@ -44,7 +44,6 @@ class Cluster:
     env: dict[str, str]  # the user's environment for PBS commands (PATH included)
     root: Path  # where work folders are made
     runas: list[str] = field(default_factory=list)  # prefix that switches to the user
-    jobs: list[str] = field(default_factory=list)  # submitted here, deleted at the end
 
     def workdir(self, name: str = "w") -> Path:
         """A fresh folder the user owns (and can reach: not below a 0700 pytest folder)."""
@@ -75,10 +74,7 @@ class Cluster:
         """Submit a bash script made of `#PBS` directives and `body`; the CompletedProcess."""
         script = "#!/bin/bash\n" + "".join(f"#PBS {d}\n" for d in directives) + body
         path = self.write(cwd / name, script)
-        out = self.run("qsub", *args, str(path), cwd=cwd)
-        if out.returncode == 0:
-            self.jobs.append(out.stdout.strip())
-        return out
+        return self.run("qsub", *args, str(path), cwd=cwd)
 
     def submit(self, cwd: Path, body: str, *args: str, **kw) -> str:
         out = self.qsub(cwd, body, *args, **kw)
@@ -102,24 +98,15 @@ class Cluster:
         return wait_for(seen, f"job {job_id} in state {'/'.join(states)}", limit)
 
     def cleanup(self) -> None:
-        """qdel whatever this cluster object submitted that is still queued or running."""
-        live = [j for j in self.jobs if (job := self.job(j)) and job["job_state"] != "F"]
-        self._end(live)
-
-    def settle(self) -> list[str]:
-        """End every unfinished job of the user and return their ids. A real server outlives
-        the tests: a job a workflow's driver left (its blocks are deleted, not yet ended)
-        still counts towards debug's one-job-per-user limit of the next test."""
+        """qdel every unfinished job of the user and wait until each has ended: whatever a
+        test or its workflow's driver left. A real server outlives the tests, and a deleted
+        job counts towards debug's one-job-per-user limit until it has ended."""
         _, doc, _ = self.qstat()
         mine = [j for j, job in doc.get("Jobs", {}).items()
                 if job["Job_Owner"].split("@")[0] == self.user]
-        self._end(mine)
-        return mine
-
-    def _end(self, ids: list[str]) -> None:
-        if ids:
-            self.run("qdel", *ids, cwd=self.home)
-            for j in ids:
+        if mine:
+            self.run("qdel", *mine, cwd=self.home)
+            for j in mine:
                 self.wait_state(j, "F")
 
 
@@ -146,5 +133,5 @@ def real_cluster(user: str, pbs_bin: Path) -> Cluster:
     env = {"HOME": str(home), "USER": user, "LOGNAME": user, "LANG": "C.UTF-8",
            "PATH": f"{pbs_bin}:/usr/local/bin:/usr/bin:/bin"}
     cluster = Cluster("real", user, home, env, root, runas=["runuser", "-u", user, "--"])
-    cluster.settle()
+    cluster.cleanup()  # what an earlier session left
     return cluster

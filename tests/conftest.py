@@ -208,7 +208,6 @@ def cluster(request, tmp_path):
     c = fake_cluster(tmp_path) if request.param == "fake" else real_cluster(PBS_USER, PBS_BIN)
     yield c
     c.cleanup()
-    c.settle()
 
 
 @pytest.fixture
@@ -219,7 +218,6 @@ def real_pbs():
     c = real_cluster(PBS_USER, PBS_BIN)
     yield c
     c.cleanup()
-    c.settle()
 
 
 @pytest.fixture(scope="session")

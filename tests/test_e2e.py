@@ -133,7 +133,6 @@ def test_in_job_pbs_script_submitted_with_qsub(cluster, request):
                       "examples/in_job.pbs", cwd=d)
     assert job.returncode == 0, job.stderr
     job_id = job.stdout.strip()
-    cluster.jobs.append(job_id)
     record = cluster.wait_state(job_id, "F", limit=600)
     out = wait_for(lambda: next(d.glob("parsl_in_job.o*"), None), "the job's output file")
     assert record["Exit_status"] == 0, out.read_text()[-3000:] + next(

@@ -157,7 +157,6 @@ def test_the_images_pbs_commands_reach_the_hosts_through_the_bridge(built_image,
     sub = cluster.run(*bridge, *shim, "qsub", "job.sh", cwd=d)
     assert sub.returncode == 0, sub.stderr
     job_id = sub.stdout.strip()
-    cluster.jobs.append(job_id)
     cluster.wait_state(job_id, "F")
     assert (d / f"job.sh.o{job_id.split('.')[0]}").read_text() == f"ran in {d}\n"
     stat = cluster.run(*bridge, *shim, "qstat", "-f", "-F", "json", job_id, cwd=d)
@@ -219,7 +218,6 @@ def test_in_job_pbs_runs_the_driver_in_the_image(image_for_nobody, tmp_path):
                       "examples/in_job.pbs", cwd=d)
     assert job.returncode == 0, job.stderr
     job_id = job.stdout.strip()
-    cluster.jobs.append(job_id)
     record = cluster.wait_state(job_id, "F", limit=600)
     seq = job_id.split(".")[0]
     out, err = (d / f"parsl_in_job.o{seq}").read_text(), (d / f"parsl_in_job.e{seq}").read_text()

@@ -214,7 +214,7 @@ def test_a_job_gets_qsubs_environment_only_with_V_or_v(cluster):
         out = cluster.run("qsub", "-l", "select=1:ncpus=208", "-l", "walltime=0:01:00", *args,
                           str(path), cwd=d, env=setting)
         assert out.returncode == 0, out.stderr
-        cluster.jobs.append(ids.setdefault(name, out.stdout.strip()))
+        ids[name] = out.stdout.strip()
     for name, want in (("plain", "[][]"), ("all", "[from-login-node][]"),
                        ("some", "[from-login-node][x]")):
         cluster.wait_state(ids[name], "F")
