@@ -137,6 +137,20 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
+def _past_probe(ex, block_id: str, proc: subprocess.Popen, misses: int) -> bool:
+    """Wait until the pool has sent its registration (True), or until its manager.log, which
+    every start of `block_id` appends to, holds `misses` probe misses (False)."""
+    deadline = time.monotonic() + EVENTUALLY_S
+    # Parsl's pool logs this right after its task thread sent the registration message.
+    while "Manager threads started" not in (text := _manager_log(ex, block_id)):
+        if text.count(PROBE_MISSED) >= misses:
+            return False
+        assert proc.poll() is None, f"{block_id} exited on start-up: {text[-2000:]}"
+        assert time.monotonic() < deadline, f"{block_id} did not start: {text[-2000:]}"
+        time.sleep(0.2)
+    return True
+
+
 @contextlib.contextmanager
 def started(ex, block_id: str, words: list[str], log: Path) -> Iterator[subprocess.Popen]:
     """Start a worker pool and wait until it is past the address probe (up to three starts);
@@ -145,15 +159,7 @@ def started(ex, block_id: str, words: list[str], log: Path) -> Iterator[subproce
         with open(log, "ab") as out:
             proc = subprocess.Popen(words, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        deadline = time.monotonic() + EVENTUALLY_S
-        # Parsl's pool logs this right after its task thread sent the registration message.
-        while "Manager threads started" not in (text := _manager_log(ex, block_id)):
-            if text.count(PROBE_MISSED) >= attempt:
-                break
-            assert proc.poll() is None, f"{block_id} exited on start-up: {text[-2000:]}"
-            assert time.monotonic() < deadline, f"{block_id} did not start: {text[-2000:]}"
-            time.sleep(0.2)
-        else:
+        if _past_probe(ex, block_id, proc, misses=attempt):
             break
         _kill(proc)
     else:
