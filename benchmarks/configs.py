@@ -62,7 +62,7 @@ def htex_pbs(max_blocks: int = 1, **provider_options):
     provider = PBSProProvider(
         account=ACCOUNT, queue="debug", walltime="0:30:00", worker_init=fake_cluster(),
         scheduler_options="#PBS -l filesystems=home:flare",
-        launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1"),
+        launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1 --no-abort-on-failure"),
         select_options="", nodes_per_block=1, min_blocks=0, max_blocks=max_blocks,
         cpus_per_node=208, **provider_options)
     return Config(executors=[_htex(provider)], **_tuned())
@@ -82,7 +82,7 @@ def htex_local():
     nodefile.write_text(fake.host_names(1)[0] + "\n")
     os.environ["PBS_NODEFILE"] = str(nodefile)  # as inside a PBS job
     provider = LocalProvider(
-        nodes_per_block=1, launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1"),
+        nodes_per_block=1, launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1 --no-abort-on-failure"),
         init_blocks=1, max_blocks=1, worker_init=init)
     return Config(executors=[_htex(provider)], **_tuned())
 

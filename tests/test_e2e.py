@@ -102,7 +102,8 @@ def allreduce(parsl_resource_specification, python=sys.executable, stdout=None):
             " -c 'from mpi4py import MPI; c = MPI.COMM_WORLD; s = c.allreduce(c.rank); "
             "print(s, c.size, MPI.Get_processor_name()) if c.rank == 0 else None'")
 
-spec = {"num_nodes": 2, "ranks_per_node": 12, "num_ranks": 24}
+# No ranks_per_node: Parsl derives "12.0", which PALS refuses; the bundle passes 12.
+spec = {"num_nodes": 2, "num_ranks": 24}
 if __name__ == "__main__":
     # One 2-node slot: the tasks run one after the other, 24 ranks at a time on 2 cores.
     with parsl.load(site_configs.load(nodes_per_job=2)):

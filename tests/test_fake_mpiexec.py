@@ -42,11 +42,15 @@ def test_mpiexec_launcher_line_is_understood(tmp_path):
     assert (req.ranks, req.ppn, req.hosts) == (2, 1, ["n1", "n2"])
 
 
-def test_hostfile_defaults_to_pbs_nodefile(tmp_path):
+def test_hostfile_defaults_to_pbs_nodefile_and_ranks_to_one(tmp_path):
+    # PALS's front end: -n defaults to 1 (PALS_NRANKS), the hosts to $PBS_NODEFILE.
     nodes = tmp_path / "nodes"
     nodes.write_text("x1\nx2\nx3\n")
     req = mpiexec.parse(["-ppn", "2", "hostname"], {"PBS_NODEFILE": str(nodes)})
-    assert (req.ranks, req.ppn, req.hosts) == (6, 2, ["x1", "x2", "x3"])
+    assert (req.ranks, req.ppn, req.hosts) == (1, 2, ["x1", "x2", "x3"])
+    req = mpiexec.parse(["hostname"], {"PBS_NODEFILE": str(nodes), "PALS_NRANKS": "6",
+                                       "PALS_PPN": "2"})
+    assert (req.ranks, req.ppn) == (6, 2)
 
 
 def test_without_ppn_ranks_pack_the_first_node():
@@ -57,11 +61,72 @@ def test_without_ppn_ranks_pack_the_first_node():
     assert mpiexec.parse(["-n", "4", "--depth", "104", "--hosts", "a,b", "true"], {}).ppn == 2
 
 
-def test_parsl_derived_float_ppn_is_read_as_pals_reads_it():
-    req = mpiexec.parse(["-n", "24", "-ppn", "12.0", "-hosts", "a,b", "true"], {})
-    assert req.ppn == 12
-    with pytest.raises(UsageError, match="invalid value '1.5' for -ppn"):
-        mpiexec.parse(["-n", "3", "-ppn", "1.5", "-hosts", "a,b", "true"], {})
+@pytest.mark.parametrize("value", ["12.0", "1.5", "twelve"])
+def test_ppn_is_an_integer_as_pals_declares_it(value):
+    # Parsl writes "12.0" when it derives ranks_per_node; PALS's front end refuses it.
+    with pytest.raises(UsageError, match=f"Invalid value for '-ppn': '{value}' is not a valid"):
+        mpiexec.parse(["-n", "24", "-ppn", value, "-hosts", "a,b", "true"], {})
+    with pytest.raises(UsageError, match="Invalid value for '-n': 0 is not in the range x>=1"):
+        mpiexec.parse(["-n", "0", "true"], {})
+    assert mpiexec.parse(["--ppn=0", "-n", "2", "-hosts", "a,b", "true"], {}).ppn == 2
+
+
+@pytest.mark.parametrize("spec,ppn", [
+    ({"num_nodes": 2, "num_ranks": 24}, 12),
+    ({"num_nodes": 2, "ranks_per_node": 3}, 3),
+    ({"num_nodes": 2, "num_ranks": 6, "ranks_per_node": 3}, 3),
+])
+def test_the_mpi_prefix_of_a_task_is_one_pals_takes(spec, ppn):
+    """Parsl's own composer, after the bundle's executor has seen the spec, writes a prefix
+    the fake PALS (integers only, as PALS) reads."""
+    from parsl.executors.high_throughput.mpi_prefix_composer import (
+        compose_mpiexec_launch_cmd, validate_resource_spec)
+
+    from parsl_aurora.executors import whole_ranks_per_node
+
+    whole_ranks_per_node(spec)
+    validate_resource_spec(spec)
+    _, prefix = compose_mpiexec_launch_cmd(spec, ["x1", "x2"])
+    assert prefix.split()[0] == "mpiexec"
+    req = mpiexec.parse([*prefix.split()[1:], "app"], {})
+    assert (req.ppn, req.ranks, req.hosts) == (ppn, 2 * ppn, ["x1", "x2"])
+
+
+def test_uneven_ranks_are_refused_before_the_task_runs():
+    from parsl.executors.errors import InvalidResourceSpecification
+
+    from parsl_aurora.executors import whole_ranks_per_node
+
+    with pytest.raises(InvalidResourceSpecification, match="num_ranks=5 does not divide"):
+        whole_ranks_per_node({"num_nodes": 2, "num_ranks": 5})
+
+
+@pytest.mark.parametrize("args", [
+    # ALCF's Aurora pages, as written there (sources in docs/fake-cluster.md).
+    "-np 16 -ppn 8 --cpu-bind list:4:56 --no-vni -envall -genvall dcp x",
+    "--genvall --rlimit CORE ./mpi_abort",
+    "-n 4 --ppn 2 --gpu-bind=list:0.0:0.1 --depth=8 --cpu-bind depth --env OMP_PLACES=cores x",
+    "-genv I_MPI_FABRICS ofi -genv FI_PROVIDER tcp -n 2 x",
+    "--pmi=pmix --envall -n 2 --ppn 2 -l --line-buffer x",
+    "-l --no-transfer --line-buffer --np 16 -ppn 4 --cpu-bind core x",
+    # PALS's own spellings (craycli).
+    "-n 2 --no-abort-on-failure --mem-bind none --umask 022 -wdir /tmp --exclusive x",
+])
+def test_options_from_pals_and_alcfs_pages_are_accepted(args):
+    req = mpiexec.parse(args.split(), {"PALS_HOSTLIST": "a,b,c,d"})
+    assert req.command[0] in ("x", "dcp", "./mpi_abort")
+
+
+@pytest.mark.parametrize("option", ["--oversubscribe", "-bootstrap", "--bind-to", "-genvlist"])
+def test_options_pals_does_not_have_are_refused(option):
+    with pytest.raises(UsageError, match=f"unrecognized option '{option}'"):
+        mpiexec.parse([option, "x", "-n", "1", "true"], {})
+
+
+def test_abort_on_failure_is_the_default():
+    assert mpiexec.parse(["true"], {}).abort_on_failure is True
+    assert mpiexec.parse(["--no-abort-on-failure", "true"], {}).abort_on_failure is False
+    assert mpiexec.parse(["true"], {"PALS_ABORT_ON_FAILURE": "0"}).abort_on_failure is False
 
 
 def test_cpu_bind_equals_form_and_env_forms():
@@ -74,6 +139,9 @@ def test_cpu_bind_equals_form_and_env_forms():
             "--env",
             "B=2",
             "--envall",
+            "-genv",
+            "C",
+            "3",
             "-l",
             "--no-vni",
             "--hosts",
@@ -84,7 +152,8 @@ def test_cpu_bind_equals_form_and_env_forms():
         ],
         {},
     )
-    assert (req.cpu_bind, req.env, req.command) == ("list:1-8:9-16", {"A": "1", "B": "2"}, ["x"])
+    assert (req.cpu_bind, req.env, req.command) == (
+        "list:1-8:9-16", {"A": "1", "B": "2", "C": "3"}, ["x"])
 
 
 @pytest.mark.parametrize("option", ["--bind-to", "--map-by", "-bind-to"])
@@ -143,6 +212,9 @@ def test_hydra_command_golden():
         "-genv",
         "PARSL_AURORA_BIND",
         "0,1 0,1",
+        "-genv",
+        "PARSL_AURORA_PALS_STATUS",
+        "",
         str(fake.bin_dir() / "fake-rank"),
         "app",
     ]
@@ -270,3 +342,45 @@ def test_mpi4py_allreduce_across_two_fake_nodes(env):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(sum(range(24))), "24"]
+
+
+# One rank exits 3 at once; the others would sleep a minute. PALS ends them all unless told not
+# to. Each rank prints its rank when it starts and "done" when it finishes normally.
+ONE_FAILS = 'echo "start $PALS_RANKID"; [ "$PALS_RANKID" = 1 ] && exit 3; sleep {s}; echo done'
+
+
+@pytest.mark.parametrize("with_hydra", [True, False], ids=["hydra", "direct"])
+def test_one_rank_exiting_non_zero_aborts_every_rank(env, with_hydra):
+    env = {**env, "PARSL_AURORA_HYDRA": env["PARSL_AURORA_HYDRA"] if with_hydra else ""}
+    if not with_hydra:
+        env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep)
+                                      if not (p and os.path.exists(f"{p}/mpiexec.hydra")))
+    r = run(env, "mpiexec", "-n", "3", "-ppn", "3", "--hosts", "a", "sh", "-c",
+            ONE_FAILS.format(s=60))
+    # The largest exit status (PALS's front end); the ranks it ended count too.
+    assert r.returncode in (3, 143), r.stderr
+    assert r.stdout.split().count("start") == 3 and "done" not in r.stdout
+
+
+@pytest.mark.parametrize("with_hydra", [True, False], ids=["hydra", "direct"])
+def test_no_abort_on_failure_lets_the_other_ranks_finish(env, with_hydra):
+    env = {**env, "PARSL_AURORA_HYDRA": env["PARSL_AURORA_HYDRA"] if with_hydra else ""}
+    if not with_hydra:
+        env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep)
+                                      if not (p and os.path.exists(f"{p}/mpiexec.hydra")))
+    r = run(env, "mpiexec", "--no-abort-on-failure", "-n", "3", "-ppn", "3", "--hosts", "a",
+            "sh", "-c", ONE_FAILS.format(s=1))
+    # The largest exit status of the ranks, as PALS's front end reports.
+    assert r.returncode == 3, r.stderr
+    assert r.stdout.split().count("done") == 2
+
+
+def test_a_rank_killed_by_a_signal_does_not_abort_without_abort_on_failure(env):
+    """hydra alone aborts every rank when one dies by a signal; PALS with
+    --no-abort-on-failure does not, so neither does the fake."""
+    code = ('echo "start $PALS_RANKID"; [ "$PALS_RANKID" = 1 ] && kill -9 $$; sleep 1; '
+            'echo done')
+    r = run(env, "mpiexec", "--no-abort-on-failure", "-n", "3", "-ppn", "3", "--hosts", "a",
+            "sh", "-c", code)
+    assert r.returncode == 137, r.stderr
+    assert r.stdout.split().count("done") == 2

@@ -21,6 +21,9 @@ PAGE_NODE = dataclasses.replace(AURORA, reserved_cores=())
 AT = {"address": "10.1.2.3"}
 PAGE_TILES = [f"{g}.{t}" for g in range(6) for t in range(2)]
 USER_INIT = "source $HOME/_env/bin/activate; cd /home/me/run"
+# Deliberately unlike the page (as MOFA's Aurora launchers): one pool that dies does not make
+# PALS end every other pool of the block.
+POOL_OVERRIDES = "--ppn 1 --no-abort-on-failure"
 
 
 def provider_fields(p):
@@ -56,7 +59,7 @@ def test_multi_job_matches_page():
         provider=PBSProProvider(
             account="Aurora_deployment", queue="debug", worker_init=USER_INIT,
             walltime="0:30:00", scheduler_options="#PBS -l filesystems=home:flare",
-            launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1"),
+            launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides=POOL_OVERRIDES),
             select_options="", nodes_per_block=1, min_blocks=0, max_blocks=1,
             cpus_per_node=208))
     config = aurora.multi_job(account="Aurora_deployment", node=PAGE_NODE,
@@ -98,7 +101,7 @@ def test_in_job_matches_page(tmp_path, monkeypatch):
         prefetch_capacity=0,
         provider=LocalProvider(
             nodes_per_block=3, init_blocks=1, max_blocks=1,
-            launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1")))
+            launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides=POOL_OVERRIDES)))
     config = aurora.in_job(node=PAGE_NODE, **AT)
     ours = config.executors[0]
     assert htex_fields(ours) == htex_fields(page)

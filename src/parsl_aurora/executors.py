@@ -49,7 +49,30 @@ class HighThroughputExecutor(_Patient, _HTEX):
 
 
 class MPIExecutor(_Patient, _MPIExecutor):
-    pass
+    def validate_resource_spec(self, resource_specification: dict):
+        whole_ranks_per_node(resource_specification)
+        return super().validate_resource_spec(resource_specification)
+
+
+def whole_ranks_per_node(spec: dict) -> None:
+    """Give a task's spec the ranks_per_node Parsl would derive, as the integer PALS takes.
+
+    Parsl 2025.1.13 derives it as num_ranks / num_nodes, a float ("12.0"), and writes it into
+    `$PARSL_MPI_PREFIX` as `-ppn 12.0`, which PALS's mpiexec declares an integer and refuses.
+    Ranks that do not divide evenly over the nodes are refused here, before the task runs.
+    """
+    from parsl.executors.errors import InvalidResourceSpecification
+
+    nodes, ranks = spec.get("num_nodes"), spec.get("num_ranks")
+    if not nodes or not ranks or spec.get("ranks_per_node"):
+        return
+    per_node, rest = divmod(int(ranks), int(nodes))
+    if rest or not per_node:
+        raise InvalidResourceSpecification(
+            {"num_ranks"}, f"num_ranks={ranks} does not divide evenly over num_nodes={nodes}: "
+            "PALS places the same number of ranks on every node (--ppn takes an integer). "
+            "Fix: pass ranks_per_node, or a num_ranks that is a multiple of num_nodes")
+    spec["ranks_per_node"] = per_node
 
 
 def last_line(path: str | None) -> str:

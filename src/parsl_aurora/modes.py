@@ -29,6 +29,13 @@ STRATEGY_PERIOD = 0.05
 # Installed on PATH with this package (and in the image): see _launch_cmd.
 GUARD = "worker_pool_guard.sh"
 WALLTIME = re.compile(r"^(\d+):([0-5]\d):([0-5]\d)$")
+# How a block starts one worker pool per node. PALS spells binding --cpu-bind (it rejects
+# --bind-to); --ppn 1 because PALS otherwise packs ranks onto the first node; and PALS by
+# default ends every rank when one exits non-zero, so without --no-abort-on-failure one pool
+# that dies (OOM, a bad node) would end every other pool of the block and spend the retry of
+# every task running there. MPI apps keep the default ($PARSL_MPI_PREFIX): a failed rank should
+# end its task.
+POOL_MPIEXEC = {"bind_cmd": "--cpu-bind", "overrides": "--ppn 1 --no-abort-on-failure"}
 # ALCF recommends at most this many nodes per job; Parsl #4149 reports HTEX scaling problems
 # beyond it on Aurora.
 LARGEST_ADVISED_JOB = 2048
@@ -495,8 +502,7 @@ def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
     from parsl.launchers import MpiExecLauncher
 
     block, provider = _pbs_blocks(
-        # PALS spells binding --cpu-bind (it rejects --bind-to); one pool per node.
-        site, node, "multi_job", MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1"),
+        site, node, "multi_job", MpiExecLauncher(**POOL_MPIEXEC),
         account=account, queue=queue, walltime=walltime, filesystems=filesystems,
         scheduler_options=scheduler_options, select_options=select_options,
         nodes_per_job=nodes_per_job, max_jobs=max_jobs, run_dir=run_dir,
@@ -629,7 +635,7 @@ def in_job(site: Site, node: Node, *, nodefile: str | None = None, worker_init: 
     _prepare(site, run_dir)
     provider = LocalProvider(
         nodes_per_block=len(set(hosts)),
-        launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--ppn 1"),
+        launcher=MpiExecLauncher(**POOL_MPIEXEC),
         init_blocks=1,
         max_blocks=1,
         worker_init=block.worker_init,

@@ -11,15 +11,26 @@ with taskset by the per-rank shim bin/fake-rank.
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from parsl_aurora.fake import bin_dir, hydra
 
-REJECTED = ("--bind-to", "--map-by", "-bind-to", "-map-by")
 BINDINGS = ("none", "depth", "core", "list")
 CPUS_PER_NODE = 208  # logical CPUs of an Aurora node
+# Sources of the option set, named in OPTIONS: HPE's PALS front end (Cray-HPE/craycli,
+# cray/modules/mpiexec/cli.py) and the ALCF Aurora pages that use an option it lacks
+# (argonne-lcf/user-guides, docs/aurora/...). docs/fake-cluster.md lists them.
+CRAYCLI = "craycli"
+# How long aborted ranks have between SIGTERM and SIGKILL.
+ABORT_GRACE_S = 5.0
 
 
 class UsageError(Exception):
@@ -31,29 +42,80 @@ class Request:
     """What one mpiexec call asks for."""
 
     command: list[str]
-    ranks: int | None = None
+    ranks: int = 1
     ppn: int | None = None
     depth: int = 1
     cpu_bind: str = "none"
     hosts: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    # PALS ends every rank when one exits non-zero, unless --no-abort-on-failure.
+    abort_on_failure: bool = True
 
 
-def _take(args: list[str], i: int, opt: str) -> tuple[str, int]:
-    """The value of option args[i]: `--opt=value` or `--opt value`."""
-    if "=" in args[i] and args[i].startswith("--"):
-        return args[i].split("=", 1)[1], i + 1
-    if i + 1 >= len(args):
-        raise UsageError(f"mpiexec: option '{opt}' requires an argument")
-    return args[i + 1], i + 2
+@dataclass(frozen=True)
+class Option:
+    """One PALS option: its spellings, what it takes, the Request field it sets (None: accepted
+    and ignored, as it changes nothing a process here can see) and where it is documented."""
+
+    names: tuple[str, ...]
+    takes: str  # "flag", "value", "int0" (>= 0), "int1" (>= 1), "pair" (NAME VALUE or NAME=VALUE)
+    field: str | None
+    source: str
+    value: object = True  # what a flag sets
+    env: str | None = None  # PALS's variable for the default
 
 
-def _int(opt: str, text: str) -> int:
-    # Parsl writes ranks_per_node as "12.0" when it derives it; PALS reads it with atoi.
-    whole = text.removesuffix(".0")
-    if not whole.isdigit() or int(whole) < 1:
-        raise UsageError(f"mpiexec: invalid value '{text}' for {opt}: expected a positive integer")
-    return int(whole)
+OPTIONS = (
+    Option(("-n", "-np", "--np"), "int1", "ranks", CRAYCLI, env="PALS_NRANKS"),
+    Option(("-ppn", "--ppn"), "int0", "ppn", CRAYCLI, env="PALS_PPN"),
+    Option(("-d", "--depth"), "int1", "depth", CRAYCLI, env="PALS_DEPTH"),
+    Option(("--cpu-bind",), "value", "cpu_bind", CRAYCLI, env="PALS_CPU_BIND"),
+    Option(("-host", "--host", "-hosts", "--hosts", "-hostlist", "--hostlist"), "value",
+           "hosts", CRAYCLI, env="PALS_HOSTLIST"),
+    Option(("-f", "-hostfile", "--hostfile"), "value", "hostfile", CRAYCLI,
+           env="PALS_HOSTFILE"),
+    Option(("-env", "--env"), "pair", "env", CRAYCLI),
+    Option(("--abort-on-failure",), "flag", "abort_on_failure", CRAYCLI,
+           env="PALS_ABORT_ON_FAILURE"),
+    Option(("--no-abort-on-failure",), "flag", "abort_on_failure", CRAYCLI, value=False),
+    # Accepted; nothing here depends on them (hydra passes the whole environment, places no
+    # memory, has no VNIs, labels nothing).
+    Option(("-soft", "--soft", "-arch", "--arch", "-wdir", "--wdir", "-path", "--path",
+            "-file", "--file", "-umask", "--umask", "-envlist", "--envlist", "--mem-bind",
+            "--include-tasks", "--exclude-tasks", "--procinfo-file", "--pmi", "--rlimits"),
+           "value", None, CRAYCLI),
+    Option(("-envall", "--envall", "-envnone", "--envnone", "--transfer", "--no-transfer",
+            "-l", "--label", "--no-label", "--exclusive", "--shared", "--line-buffer",
+            "--no-line-buffer", "--sstartup", "--no-sstartup"), "flag", None, CRAYCLI),
+    Option(("--no-vni",), "flag", None, "docs/aurora/data-management/daos/daos-overview.md"),
+    Option(("-genvall", "--genvall"), "flag", None, "docs/aurora/libraries/mpi.md, "
+           "docs/aurora/data-management/moving_data_to_aurora/datamover.md"),
+    Option(("-genv",), "pair", "env", "docs/aurora/containers/src/test_container.sh"),
+    Option(("--gpu-bind",), "value", None, "docs/aurora/running-jobs-aurora.md"),
+    Option(("--rlimit",), "value", None, "docs/aurora/applications-and-libraries/libraries/"
+           "mpi.md"),
+)
+BY_NAME = {name: opt for opt in OPTIONS for name in opt.names}
+# What users of other MPIs type; PALS binds with --cpu-bind and places ranks with --ppn.
+OTHER_MPI = ("--bind-to", "--map-by", "-bind-to", "-map-by")
+
+
+def _int(opt: str, text: str, low: int) -> int:
+    # PALS's front end declares these click.IntRange: "12.0" (Parsl's derived ranks_per_node)
+    # is not an integer to it.
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"Error: Invalid value for '{opt}': '{text}' is not a valid "
+                         "integer.") from None
+    if value < low:
+        raise UsageError(f"Error: Invalid value for '{opt}': {text} is not in the range "
+                         f"x>={low}.")
+    return value
+
+
+def _flag(text: str) -> bool:
+    return text.strip().lower() not in ("0", "false", "no", "off", "n", "f", "")
 
 
 def read_hostfile(path: str) -> list[str]:
@@ -64,57 +126,80 @@ def read_hostfile(path: str) -> list[str]:
     return list(dict.fromkeys(lines))  # PALS places one node per distinct host, in order
 
 
+def _set(values: dict, opt: Option, name: str, raw: str | bool | tuple[str, str]) -> None:
+    if opt.field is None:
+        return
+    if opt.takes in ("int0", "int1"):
+        values[opt.field] = _int(name, raw, 0 if opt.takes == "int0" else 1)
+    elif opt.takes == "pair":
+        values.setdefault("env", {})[raw[0]] = raw[1]
+    elif opt.takes == "flag" and isinstance(raw, str):  # from PALS's variable
+        values[opt.field] = _flag(raw)
+    else:
+        values[opt.field] = raw
+
+
 def parse(args: list[str], environ: dict[str, str]) -> Request:
     """PALS's command line -> Request; refuses what PALS refuses."""
-    req = Request(command=[])
-    hostfile = None
+    values: dict = {}
+    for opt in OPTIONS:  # PALS's variables give defaults; the command line overrides them
+        if opt.env and environ.get(opt.env):
+            _set(values, opt, opt.env, environ[opt.env])
     i = 0
+    command: list[str] = []
     while i < len(args):
         a = args[i]
-        name = a.split("=", 1)[0]
-        if name in REJECTED:
-            raise UsageError(f"mpiexec: unrecognized option '{name}' (PALS binds with "
-                             "--cpu-bind and places ranks with --ppn)")
-        if name in ("-n", "--np", "-np"):
-            v, i = _take(args, i, name)
-            req.ranks = _int(name, v)
-        elif name in ("-ppn", "--ppn"):
-            v, i = _take(args, i, name)
-            req.ppn = _int(name, v)
-        elif name in ("-d", "--depth", "-depth"):
-            v, i = _take(args, i, name)
-            req.depth = _int(name, v)
-        elif name in ("--cpu-bind", "-cpu-bind"):
-            v, i = _take(args, i, name)
-            req.cpu_bind = v
-        elif name in ("--hostfile", "-hostfile", "-f"):
-            hostfile, i = _take(args, i, name)
-        elif name in ("-hosts", "--hosts", "-host", "--host"):
-            v, i = _take(args, i, name)
-            req.hosts = list(dict.fromkeys(h for h in v.split(",") if h))
-        elif name in ("--env", "-env", "-genv", "--genv"):
-            v, i = _take(args, i, name)
-            key, sep, val = v.partition("=")
-            if not sep:  # -env NAME VALUE
-                if i >= len(args):
-                    raise UsageError(f"mpiexec: {name} needs NAME=VALUE")
-                val, i = args[i], i + 1
-            req.env[key] = val
-        elif name in ("--envall", "--genvall", "-envall", "-genvall", "--no-vni",
-                      "-l", "--line-buffer"):
-            i += 1  # hydra passes the whole environment and does not need VNIs
-        elif a.startswith("-"):
-            raise UsageError(f"mpiexec: unrecognized option '{a}'")
-        else:
-            req.command = args[i:]
+        if a == "--":
+            command = args[i + 1:]
             break
-    if not req.command:
+        if not a.startswith("-"):
+            command = args[i:]
+            break
+        name, eq, inline = a.partition("=")
+        opt = BY_NAME.get(name)
+        if opt is None:
+            hint = (" (PALS binds with --cpu-bind and places ranks with --ppn)"
+                    if name in OTHER_MPI else "")
+            raise UsageError(f"mpiexec: unrecognized option '{name}'{hint}")
+        if opt.takes == "flag":
+            if eq:
+                raise UsageError(f"mpiexec: option '{name}' takes no value")
+            _set(values, opt, name, opt.value)
+            i += 1
+            continue
+        if opt.takes == "pair":
+            text = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
+            i += 1 if eq else 2
+            if text is None:
+                raise UsageError(f"mpiexec: option '{name}' requires NAME VALUE")
+            key, sep, val = text.partition("=")
+            if not sep:  # NAME VALUE: craycli's form (and hydra's -genv)
+                if i >= len(args):
+                    raise UsageError(f"mpiexec: option '{name}' requires NAME VALUE")
+                val, i = args[i], i + 1
+            _set(values, opt, name, (key, val))
+            continue
+        if eq:
+            raw, i = inline, i + 1
+        elif i + 1 < len(args):
+            raw, i = args[i + 1], i + 2
+        else:
+            raise UsageError(f"mpiexec: option '{name}' requires an argument")
+        _set(values, opt, name, raw)
+    if not command:
         raise UsageError("mpiexec: no command given")
-    if not req.hosts:
+    if ":" in command:
+        raise UsageError("mpiexec: MPMD (':' between commands) is PALS's, but this fake runs "
+                         "one command")
+    hosts = values.pop("hosts", None)
+    hostfile = values.pop("hostfile", None)
+    ppn = values.pop("ppn", None) or None  # 0 is PALS's "not given"
+    req = Request(command=command, ppn=ppn, **values)
+    if hosts is not None:
+        req.hosts = list(dict.fromkeys(h for h in hosts.split(",") if h))
+    else:
         hostfile = hostfile or environ.get("PBS_NODEFILE")
         req.hosts = read_hostfile(hostfile) if hostfile else ["localhost"]
-    if req.ranks is None:
-        req.ranks = (req.ppn or 1) * len(req.hosts)
     if req.ppn is None:
         # Without --ppn PALS packs a node before using the next (hence Parsl's "--ppn 1").
         req.ppn = max(1, min(req.ranks, CPUS_PER_NODE // req.depth))
@@ -165,10 +250,13 @@ def host_cpu_sets(req: Request, host_cpus: list[int]) -> list[str]:
     return sets
 
 
-def hydra_command(req: Request, hydra_path: str, host_cpus: list[int]) -> list[str]:
-    """The MPICH hydra command line that runs the request's ranks on this machine."""
+def hydra_command(req: Request, hydra_path: str, host_cpus: list[int],
+                  status_dir: str = "") -> list[str]:
+    """The MPICH hydra command line that runs the request's ranks on this machine; each rank
+    records its pid and exit status in status_dir (bin/fake-rank) for the abort rule."""
     env = {**req.env, "PARSL_AURORA_HOSTS": " ".join(req.hosts),
-           "PARSL_AURORA_BIND": " ".join(host_cpu_sets(req, host_cpus))}
+           "PARSL_AURORA_BIND": " ".join(host_cpu_sets(req, host_cpus)),
+           "PARSL_AURORA_PALS_STATUS": status_dir}
     cmd = [hydra_path, "-launcher", "fork", "-hosts", ",".join(req.hosts),
            "-ppn", str(req.ppn), "-n", str(req.ranks)]
     for k, v in env.items():
@@ -192,27 +280,92 @@ def rank_environments(req: Request, host_cpus: list[int]) -> list[tuple[dict[str
     return out
 
 
+def exit_status(code: int) -> int:
+    """A Popen returncode as a shell reports it (-9 -> 137)."""
+    return 128 - code if code < 0 else code
+
+
+def supervise(finished: Callable[[], bool], codes: Callable[[], list[int]],
+              running_groups: Callable[[], list[int]], abort: bool) -> int:
+    """Wait for the ranks; with PALS's abort rule, the first non-zero exit ends every other
+    rank (SIGTERM to its process group, SIGKILL after ABORT_GRACE_S). The exit status is the
+    largest of the ranks', as PALS's front end reports it."""
+    aborted_at = None
+    killed = False
+    while not finished():
+        time.sleep(0.2)
+        if abort and aborted_at is None and any(codes()):
+            aborted_at = time.monotonic()
+            _signal_groups(running_groups(), signal.SIGTERM)
+        elif aborted_at is not None and not killed and (
+                time.monotonic() - aborted_at > ABORT_GRACE_S):
+            killed = True
+            _signal_groups(running_groups(), signal.SIGKILL)
+    return max(codes(), default=0)
+
+
+def _signal_groups(groups: list[int], sig: int) -> None:
+    for pgid in groups:
+        try:
+            os.killpg(pgid, sig)
+        except OSError:  # ended meanwhile
+            pass
+
+
 def launch_directly(req: Request, host_cpus: list[int]) -> int:
     """Start every rank as a child process, without PMI: enough for programs that do not call
-    MPI (Parsl's worker pool), where hydra is missing (inside the image). Exit status: the
-    first non-zero one of the ranks', as PALS reports."""
-    import signal
-    import subprocess
-
+    MPI (Parsl's worker pool), where hydra is missing (inside the image)."""
     procs = []
     for env, cpus in rank_environments(req, host_cpus):
         command = ["taskset", "-c", cpus, *req.command] if cpus else req.command
-        procs.append(subprocess.Popen(command, env={**os.environ, **env}))
+        # Its own session and process group, as hydra gives each rank: an abort ends what the
+        # rank started too.
+        procs.append(subprocess.Popen(command, env={**os.environ, **env},
+                                      start_new_session=True))
 
     def forward(sig, _frame):
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(sig)
+        _signal_groups([p.pid for p in procs if p.poll() is None], sig)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    codes = [p.wait() for p in procs]
-    return next((c if c > 0 else 128 - c for c in codes if c), 0)
+    return supervise(
+        lambda: all(p.poll() is not None for p in procs),
+        lambda: [exit_status(p.returncode) for p in procs if p.returncode is not None],
+        lambda: [p.pid for p in procs if p.poll() is None], req.abort_on_failure)
+
+
+def launch_with_hydra(req: Request, hydra_path: str, host_cpus: list[int]) -> int:
+    """Run the ranks under hydra, which aborts only when a rank dies by a signal (and fake-rank
+    turns that into an exit status): PALS's abort rule is applied here, from what each rank
+    records in a status folder."""
+    status = Path(tempfile.mkdtemp(prefix="fake-pals."))
+    try:
+        hydra_proc = subprocess.Popen(hydra_command(req, hydra_path, host_cpus, str(status)))
+
+        def forward(sig, _frame):
+            hydra_proc.send_signal(sig)  # hydra passes it to every rank
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, forward)
+
+        def recorded(suffix: str) -> dict[str, int]:
+            out = {}
+            for f in status.glob(f"*.{suffix}"):
+                text = f.read_text().strip()
+                if text.isdigit():
+                    out[f.stem] = int(text)
+            return out
+
+        def running() -> list[int]:
+            ended = recorded("rc")
+            return [pid for rank, pid in recorded("pid").items() if rank not in ended]
+
+        code = supervise(lambda: hydra_proc.poll() is not None,
+                         lambda: list(recorded("rc").values()), running, req.abort_on_failure)
+        # hydra's own failure (it could not start a rank) leaves no status behind.
+        return code or exit_status(hydra_proc.returncode)
+    finally:
+        shutil.rmtree(status, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,13 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     host_cpus = sorted(os.sched_getaffinity(0))
     try:
         req = parse(argv, dict(os.environ))
-        cmd = hydra_command(req, hydra(), host_cpus)
+        host_cpu_sets(req, host_cpus)  # a bad --cpu-bind is refused before anything starts
     except UsageError as e:
         print(e, file=sys.stderr)
         return 1
-    if not cmd[0]:
+    hydra_path = hydra()
+    if not hydra_path:
         return launch_directly(req, host_cpus)
-    os.execv(cmd[0], cmd)
+    return launch_with_hydra(req, hydra_path, host_cpus)
 
 
 if __name__ == "__main__":
