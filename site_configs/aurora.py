@@ -11,18 +11,23 @@ from parsl_aurora.topology import AURORA, Node
 
 # Published limits (ALCF "Running jobs on Aurora", ../shared/reference/aurora-facts.md,
 # "Scheduler limits"); None = not published, so not checked.
+# Every queue takes jobs of 5 minutes or more.
 QUEUES = {
     q.name: q
     for q in (
-        Queue("debug", min_nodes=1, max_nodes=2, max_walltime="1:00:00", max_user_queued=1),
-        Queue("debug-scaling", min_nodes=2, max_nodes=256, max_walltime="1:00:00",
+        Queue("debug", min_nodes=1, max_nodes=2, min_walltime="0:05:00", max_walltime="1:00:00",
               max_user_queued=1),
-        # A routing queue: longer jobs for bigger ones, limits per project.
-        Queue("prod", min_nodes=256, max_walltime="12:00:00",
+        Queue("debug-scaling", min_nodes=2, max_nodes=256, min_walltime="0:05:00",
+              max_walltime="1:00:00", max_user_queued=1),
+        # A routing queue to small (256-1024 nodes, 12 h), medium (1025-1999, 18 h) and large
+        # (2000+, 24 h), which refuse direct submission; its limits are per project.
+        Queue("prod", min_nodes=256, min_walltime="0:05:00", max_walltime="12:00:00",
               walltime_by_nodes=((1025, "18:00:00"), (2000, "24:00:00")),
               max_project_queued=100, max_project_running=10),
-        Queue("capacity", min_nodes=1, max_nodes=16, max_walltime="168:00:00",
-              max_user_queued=5, max_user_running=2, max_user_nodes=512),
+        # 512 nodes across all jobs of the queue, everybody's (since 2026-06-26).
+        Queue("capacity", min_nodes=1, max_nodes=16, min_walltime="0:05:00",
+              max_walltime="168:00:00", max_user_queued=5, max_user_running=2,
+              max_queue_nodes=512),
     )
 }
 

@@ -7,13 +7,23 @@ providers, launchers and executors run for real.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from parsl_aurora import fake, modes, topology
 from parsl_aurora.container import HostStack
 from parsl_aurora.modes import Site
 from parsl_aurora.topology import AURORA, Node
-from site_configs.aurora import QUEUES
+from site_configs import aurora
+
+# The look-alikes' queues (the fake PBS, and the real OpenPBS of .ci/install-openpbs.sh):
+# Aurora's, with two differences. No 5-minute minimum, so tests run jobs of seconds; and prod,
+# scaled to the real look-alike's two nodes, routes 1-node jobs to small (12 h) and 2-node jobs
+# to medium (18 h).
+QUEUES = {
+    name: replace(q, min_walltime=None) for name, q in aurora.QUEUES.items()
+} | {"prod": replace(aurora.QUEUES["prod"], min_nodes=1, max_nodes=2, min_walltime=None,
+                     walltime_by_nodes=((2, "18:00:00"),))}
 
 
 def fake_node() -> Node:

@@ -15,8 +15,7 @@ import sys
 from parsl_aurora import fake, modes
 from parsl_aurora.modes import Site
 from parsl_aurora.topology import AURORA, Node
-from site_configs.aurora import QUEUES
-from site_configs.local import FAKE_STACK, _cores_per_worker, fake_node
+from site_configs.local import FAKE_STACK, QUEUES, _cores_per_worker, fake_node
 
 
 def site(n: Node) -> Site:

@@ -80,7 +80,9 @@ def test_the_mpi_prefix_of_a_task_is_one_pals_takes(spec, ppn):
     """Parsl's own composer, after the bundle's executor has seen the spec, writes a prefix
     the fake PALS (integers only, as PALS) reads."""
     from parsl.executors.high_throughput.mpi_prefix_composer import (
-        compose_mpiexec_launch_cmd, validate_resource_spec)
+        compose_mpiexec_launch_cmd,
+        validate_resource_spec,
+    )
 
     from parsl_aurora.executors import whole_ranks_per_node
 

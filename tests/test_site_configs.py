@@ -24,6 +24,8 @@ USER_INIT = "source $HOME/_env/bin/activate; cd /home/me/run"
 # Deliberately unlike the page (as MOFA's Aurora launchers): one pool that dies does not make
 # PALS end every other pool of the block.
 POOL_OVERRIDES = "--ppn 1 --no-abort-on-failure"
+# The parsl page's header plus what ALCF's recommended PBS header has (running-jobs-aurora.md).
+HEADER = "#PBS -l filesystems=home:flare\n#PBS -l place=scatter\n#PBS -k doe"
 
 
 def provider_fields(p):
@@ -58,7 +60,7 @@ def test_multi_job_matches_page():
         prefetch_capacity=0,
         provider=PBSProProvider(
             account="Aurora_deployment", queue="debug", worker_init=USER_INIT,
-            walltime="0:30:00", scheduler_options="#PBS -l filesystems=home:flare",
+            walltime="0:30:00", scheduler_options=HEADER,
             launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides=POOL_OVERRIDES),
             select_options="", nodes_per_block=1, min_blocks=0, max_blocks=1,
             cpus_per_node=208))
@@ -77,7 +79,7 @@ def test_mpi_ensemble_matches_page():
         max_workers_per_block=10 // 2,
         provider=PBSProProvider(
             account="Aurora_deployment", worker_init=USER_INIT, walltime="0:30:00",
-            queue="lustre_scaling", scheduler_options="#PBS -l filesystems=home:flare",
+            queue="lustre_scaling", scheduler_options=HEADER,
             launcher=SimpleLauncher(), select_options="", nodes_per_block=10, max_blocks=1,
             cpus_per_node=208))
     config = aurora.mpi_ensemble(account="Aurora_deployment", queue="lustre_scaling",
@@ -162,7 +164,12 @@ BAD = [
     ("mpi_ensemble", {"account": "P", "queue": "debug-scaling", "max_jobs": 2},
      ["max_jobs=2", "at most 1 in queue 'debug-scaling'"]),
     ("multi_job", {"account": "P", "queue": "prod", "nodes_per_job": 256, "max_jobs": 101},
-     ["max_jobs=101", "at most 100 in queue 'prod'"]),
+     ["max_jobs=101", "at most 100 in queue 'prod'", "lets a project have 100"]),
+    # Every Aurora queue takes jobs of 5 minutes or more.
+    ("multi_job", {"account": "P", "queue": "debug", "walltime": "0:04:59"},
+     ["walltime='0:04:59'", "at least 0:05:00 in queue 'debug'"]),
+    ("mpi_ensemble", {"account": "P", "queue": "prod", "nodes_per_job": 256,
+                      "walltime": "0:01:00"}, ["at least 0:05:00 in queue 'prod'"]),
     ("multi_job", {"account": "P", "queue": "capacity", "max_jobs": 6},
      ["max_jobs=6", "at most 5 in queue 'capacity'"]),
     ("multi_job", {"account": "P", "queue": "prod", "nodes_per_job": 512,
@@ -195,6 +202,39 @@ def test_an_unlisted_queue_needs_saying_so():
     config = aurora.multi_job(account="P", queue="lustre_scaling", nodes_per_job=512,
                               allow_unlisted_queue=True, **AT)
     assert config.executors[0].provider.queue == "lustre_scaling"
+
+
+def test_a_queue_wide_node_limit_counts_every_job():
+    """capacity runs 512 nodes across everybody's jobs (not per user): a request whose own jobs
+    exceed a queue-wide limit can never run whole."""
+    from parsl_aurora.modes import Queue, Site, check_queue
+
+    site = Site("s", queues={"q": Queue("q", max_nodes=16, max_queue_nodes=40)})
+    check_queue(site, "q", 16, "1:00:00", 2)
+    with pytest.raises(ConfigError, match="at most 2 jobs of 16 nodes in queue 'q' .it runs 40 "
+                                          "nodes at once across everybody's jobs"):
+        check_queue(site, "q", 16, "1:00:00", 3)
+    assert aurora.QUEUES["capacity"].max_queue_nodes == 512
+    assert aurora.QUEUES["capacity"].max_user_queued == 5
+
+
+def test_prods_running_limit_is_the_projects_and_a_note(capsys):
+    aurora.multi_job(account="P", queue="prod", nodes_per_job=256, max_jobs=10, **AT)
+    assert capsys.readouterr().err == ""
+    aurora.multi_job(account="P", queue="prod", nodes_per_job=256, max_jobs=11, **AT)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "at most 10 jobs of a project at once" in err
+    assert "colleagues" in err
+
+
+def test_the_look_alikes_take_short_jobs_and_scale_prod_to_two_nodes():
+    from site_configs import local, pbs
+
+    for site in (local.site(local.fake_node()), pbs.site(local.fake_node())):
+        assert site.queues["debug"].min_walltime is None
+        assert (site.queues["prod"].min_nodes, site.queues["prod"].max_nodes) == (1, 2)
+    # Everything else is Aurora's.
+    assert local.QUEUES["capacity"] == dataclasses.replace(aurora.QUEUES["capacity"], min_walltime=None)
 
 
 def test_a_job_above_2048_nodes_gets_one_warning_line(capsys):

@@ -48,14 +48,16 @@ class Queue:
     name: str
     min_nodes: int = 1
     max_nodes: int | None = None
+    min_walltime: str | None = None
     max_walltime: str | None = None
     # Longer jobs allowed for bigger ones: ((from_nodes, max_walltime), ...), ascending.
     walltime_by_nodes: tuple[tuple[int, str], ...] = ()
     max_user_queued: int | None = None  # queued or running jobs one user may have
     max_user_running: int | None = None
+    # Per project: shared with every colleague on the same allocation.
     max_project_queued: int | None = None
     max_project_running: int | None = None
-    max_user_nodes: int | None = None  # nodes across one user's jobs in the queue
+    max_queue_nodes: int | None = None  # nodes across every job in the queue, anybody's
 
     def walltime_cap(self, nodes: int) -> str | None:
         cap = self.max_walltime
@@ -63,12 +65,6 @@ class Queue:
             if nodes >= low:
                 cap = walltime
         return cap
-
-    def max_jobs(self) -> int | None:
-        """How many of one user's jobs the queue takes at once (queued or running)."""
-        limits = [x for x in (self.max_user_queued, self.max_project_queued) if x is not None]
-        return min(limits) if limits else None
-
 
 @dataclass(frozen=True)
 class Site:
@@ -183,17 +179,27 @@ def check_queue(site: Site, queue: object, nodes: int, walltime: str, max_jobs: 
         raise ConfigError("walltime", walltime,
                           f"at most {cap} for {nodes}-node jobs in queue {queue!r}",
                           "shorten walltime or pick a queue with longer jobs")
-    most = q.max_jobs()
-    if most is not None and max_jobs > most:
+    low = q.min_walltime
+    if low and walltime_seconds(walltime) < walltime_seconds(low):
+        raise ConfigError("walltime", walltime, f"at least {low} in queue {queue!r}",
+                          f"ask for walltime={low!r} or more (a block that is done early "
+                          "gives its nodes back)")
+    for most, whose in ((q.max_user_queued, "one user"), (q.max_project_queued, "a project")):
+        if most is not None and max_jobs > most:
+            raise ConfigError("max_jobs", max_jobs,
+                              f"at most {most} in queue {queue!r} (ALCF lets {whose} have "
+                              f"{most} queued or running job{'s' if most > 1 else ''} there)",
+                              f"pass max_jobs={most}, or use a queue that takes more jobs")
+    if q.max_queue_nodes is not None and nodes * max_jobs > q.max_queue_nodes:
         raise ConfigError("max_jobs", max_jobs,
-                          f"at most {most} in queue {queue!r} (ALCF lets one user have "
-                          f"{most} queued or running job{'s' if most > 1 else ''} there)",
-                          f"pass max_jobs={most}, or use a queue that takes more jobs")
-    if q.max_user_nodes is not None and nodes * max_jobs > q.max_user_nodes:
-        raise ConfigError("max_jobs", max_jobs,
-                          f"at most {q.max_user_nodes // nodes} jobs of {nodes} nodes in queue "
-                          f"{queue!r} ({q.max_user_nodes} nodes per user)",
-                          "lower max_jobs or nodes_per_job")
+                          f"at most {q.max_queue_nodes // nodes} jobs of {nodes} nodes in queue "
+                          f"{queue!r} (it runs {q.max_queue_nodes} nodes at once across "
+                          "everybody's jobs)", "lower max_jobs or nodes_per_job")
+    running = q.max_project_running
+    if running is not None and max_jobs > running:
+        print(f"parsl-aurora: note: queue {queue!r} runs at most {running} jobs of a project at "
+              f"once, counting your colleagues' on the same allocation: of max_jobs={max_jobs}, "
+              "the rest wait queued", file=sys.stderr)
     if nodes > LARGEST_ADVISED_JOB:
         print(f"parsl-aurora: warning: nodes_per_job={nodes} is above the {LARGEST_ADVISED_JOB} "
               "nodes ALCF advises per job, and Parsl's HighThroughputExecutor is reported to "
@@ -320,7 +326,11 @@ def _block(site: Site, node: Node, mode: str, *, worker_init: str, run_dir: str,
 
 
 def _scheduler_options(filesystems: str, extra: str) -> str:
+    """ALCF's header: the file systems the job needs, one node per host (place=scatter), and
+    the job's output written where it goes as it runs (-k doe), so a block that fails to start
+    its workers can be read before PBS would have delivered its files at the end."""
     lines = [f"#PBS -l filesystems={filesystems}"] if filesystems else []
+    lines += ["#PBS -l place=scatter", "#PBS -k doe"]
     return "\n".join(lines + ([extra] if extra else []))
 
 
