@@ -283,3 +283,85 @@ def test_qstat_u_lists_a_users_jobs_with_the_name_cut_after_a_run_tag(cluster):
     mixed = cluster.run("qstat", "-f", "-F", "json", "-u", cluster.user, cwd=d)
     assert (mixed.returncode, mixed.stderr.splitlines()[0]) == (2, "qstat: conflicting options.")
     assert cluster.run("qstat", "-u", "nobody", cwd=d).stdout == ""
+
+
+# ---------------------------------------------------------------- Aurora beyond the queue table
+@pytest.mark.parametrize("nodes,walltime,queue", [
+    (1, "0:01:00", "small"),  # Aurora: 256-1024 nodes
+    (2, "0:01:00", "medium"),  # Aurora: 1025-1999 nodes
+    (2, "17:00:00", "medium"),
+])
+def test_prod_routes_a_job_by_its_node_count(cluster, nodes, walltime, queue):
+    d = cluster.workdir()
+    job_id = cluster.submit(d, "true\n", "-q", "prod",
+                            directives=(f"-l select={nodes}:ncpus=1", f"-l walltime={walltime}"))
+    rc, doc, _ = cluster.qstat("-x", job_id)
+    assert rc == 0 and doc["Jobs"][job_id]["queue"] == queue
+    cluster.run("qdel", job_id, cwd=d)
+
+
+@pytest.mark.parametrize("args,directives,code,message", [
+    # The routing queue's own limit comes first.
+    (("-q", "prod"), ("-l select=1:ncpus=1", "-l walltime=25:00:00"), 188,
+     "qsub: Job violates queue and/or server resource limits"),
+    # prod's destinations take jobs only from prod.
+    (("-q", "small"), ("-l select=1:ncpus=1", MINUTE), 174, "qsub: Access to queue is denied"),
+    (("-q", "medium"), ("-l select=2:ncpus=1", MINUTE), 174, "qsub: Access to queue is denied"),
+])
+def test_a_routing_queue_refuses_at_qsub(cluster, args, directives, code, message):
+    d = cluster.workdir()
+    out = cluster.qsub(d, "true\n", *args, directives=directives)
+    assert (out.returncode, out.stdout, out.stderr) == (code, "", message + "\n")
+
+
+@pytest.mark.parametrize("directives", [
+    ("-l select=3:ncpus=1", MINUTE),  # no destination takes 3 nodes
+    ("-l select=1:ncpus=1", "-l walltime=13:00:00"),  # small: 12 h; medium: 2 nodes
+])
+def test_a_job_no_destination_takes_is_accepted_and_then_unknown(cluster, directives):
+    """PBS routes after qsub has returned the id: a job every destination rejects is then
+    deleted, and qstat, even with -x, never knew it. (ALCF quotes qsub's "Job rejected by all
+    possible destinations", exit 191, for the case where PBS routes at once.)"""
+    d = cluster.workdir()
+    out = cluster.qsub(d, "true\n", "-q", "prod", directives=directives)
+    assert out.returncode == 0 and re.match(ID_FORMAT, out.stdout.strip()), out
+    job_id = out.stdout.strip()
+    rc, doc, err = wait_for(lambda: (r := cluster.qstat("-x", job_id))[0] == 153 and r,
+                            "the routed job unknown")
+    assert (set(doc), err) == (HEADER, f"qstat: Unknown Job Id {job_id}\n")
+
+
+def test_a_job_that_fails_to_start_is_held_by_the_system(cluster):
+    """A start that fails (on the look-alike: a MoM prologue failing jobs of the account
+    fail-start; on the fake: the same account) is counted; above run_count 20 PBS holds the job
+    with a system hold and Aurora's comment."""
+    d = cluster.workdir()
+    job_id = cluster.submit(d, "echo ran > ran.txt\n", "-A", "fail-start", "-W", "run_count=20",
+                            directives=("-l select=1:ncpus=1", MINUTE))
+    held = cluster.wait_state(job_id, "H")
+    assert (held["Hold_Types"], held["substate"], held["run_count"]) == ("s", 20, 21), held
+    assert held["comment"] == "job held, too many failed attempts to run", held
+    # The failed attempt: started and ended (stime, obittime), no host, Exit_status -3.
+    assert {"stime", "obittime"} <= set(held) and "exec_host" not in held, sorted(held)
+    assert held["Exit_status"] == -3
+    assert not (cluster.home / "ran.txt").exists()
+    cluster.run("qdel", job_id, cwd=d)
+    done = cluster.wait_state(job_id, "F")
+    assert (done["substate"], done["Exit_status"]) == (91, -3), done
+    assert done["comment"] == "job held, too many failed attempts to run and terminated"
+
+
+def test_keep_files_direct_writes_output_as_the_job_runs(cluster):
+    """ALCF's header has `-k doe`: the output is in its final place while the job runs."""
+    d = cluster.workdir()
+    job_id = cluster.submit(d, f"echo started\nuntil [ -e {d}/go ]; do sleep 0.2; done\n",
+                            "-N", "kept", "-k", "doe", directives=(WHOLE_NODE, MINUTE))
+    seq = job_id.split(".")[0]
+    running = cluster.wait_state(job_id, "R")
+    assert running["Keep_Files"] == "doe"
+    out = d / f"kept.o{seq}"
+    wait_for(lambda: out.exists() and out.read_text() == "started\n", "output while running")
+    assert out.stat().st_mode & 0o777 == 0o600
+    cluster.write(d / "go", "")
+    cluster.wait_state(job_id, "F")
+    assert out.read_text() == "started\n" and (d / f"kept.e{seq}").read_text() == ""

@@ -26,7 +26,7 @@ from parsl_aurora.progress import (
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 LINE = re.compile(rf"{STAMP} tasks: \d+ done, \d+ failed, \d+ pending \(\d+ launched\); "
-                  r"blocks: \d+ running, \d+ queued, \d+ failed")
+                  r"blocks: \d+ running, \d+ queued, \d+ failed(; PBS: \d+ \w+(, \d+ \w+)*)?")
 
 
 # ---------------------------------------------------------------- pure: counting and lines
@@ -39,7 +39,9 @@ def test_task_states_fall_into_done_failed_pending():
 def test_block_states_fall_into_running_queued_failed():
     states = ["RUNNING", "PENDING", "HELD", "FAILED", "MISSING", "COMPLETED", "SCALED_IN",
               "RUNNING", "TIMEOUT"]
-    assert block_counts(states) == {"running": 2, "queued": 2, "failed": 2}
+    assert block_counts(states) == {"running": 2, "queued": 2, "failed": 2, "refused": 0,
+                                    "held": 0, "dropped": 0}
+    assert block_counts([], {"refused": 6, "held": 1})["refused"] == 6
 
 
 def test_progress_line_golden():
@@ -47,6 +49,12 @@ def test_progress_line_golden():
                          {"running": 2, "queued": 1, "failed": 0}, "2025-03-01 12:00:05")
     assert line == ("2025-03-01 12:00:05 tasks: 9 done, 1 failed, 14 pending (12 launched); "
                     "blocks: 2 running, 1 queued, 0 failed")
+    assert LINE.fullmatch(line)
+    # What PBS said, apart from blocks that started and died.
+    line = progress_line({"done": 0, "failed": 0, "pending": 30, "launched": 0},
+                         block_counts(["RUNNING"], {"refused": 6, "held": 1}),
+                         "2025-03-01 12:00:05")
+    assert line.endswith("blocks: 1 running, 0 queued, 0 failed; PBS: 6 refused, 1 held")
     assert LINE.fullmatch(line)
 
 

@@ -240,6 +240,20 @@ def test_status_text_of_a_running_in_job_run_and_a_failed_qstat(utc):
     assert "next: `parsl-aurora cleanup` deletes any job it left, then" in _text(failed)
 
 
+def test_status_says_what_pbs_said_apart_from_the_jobs(utc):
+    text = ("1796214790\trefused\t-\tqsub: would exceed queue generic's per-user limit (qsub "
+            "exit 38)\n" * 6
+            + "1796214795\theld\t0.aurora-pbs-0001\tjob held, too many failed attempts to run\n"
+            + "1796214796\trefused\t-\thalf a line")
+    events = runs.read_events(text)
+    assert [e.kind for e in events] == ["refused"] * 6 + ["held"]
+    lines = _text(_status(events=events)).splitlines()
+    assert lines[8] == ("PBS said: 6 refused (the last at 2026-12-02 12:33:10: qsub: would exceed "
+                        "queue generic's per-user limit (qsub exit 38)); 1 held (the last at "
+                        "2026-12-02 12:33:15: job held, too many failed attempts to run)")
+    assert runs.said_line([]) == "" and "PBS said" not in _text(_status())
+
+
 def test_cleanup_text_golden():
     deleted = {"0.s": _job("me", "pa1b5cba.0.17962"), "9.s": _job("me", "pa1b5cba.3.17963", "Q")}
     c = runs.Cleanup(Path("runinfo/000"), "pa1b5cba", deleted, ["4.s"], 3, ["9.s"], [25861])

@@ -47,6 +47,9 @@ def work(i, seconds, marks):
 def main():
     with parsl.load(site_configs.load(args["site"], "multi_job", **args["options"])):
         futures = [work(i, args["seconds"], args["marks"]) for i in range(args["tasks"])]
+        if args.get("progress"):  # progress lines on stderr, as a log file would get them
+            from parsl_aurora import progress
+            progress.wait(futures, every=args["progress"], file=sys.stderr)
         print(json.dumps([f.result() for f in futures]))
     return 0
 
@@ -62,7 +65,8 @@ def driver_python(cluster, request) -> str:
     return str(request.getfixturevalue("user_venv") / "bin" / "python")
 
 
-def flow(cluster, request, tasks: int, seconds: float, *, path_head: str = "", **options):
+def flow(cluster, request, tasks: int, seconds: float, *, path_head: str = "",
+         progress: float = 0, **options):
     """Start the workflow as the cluster's user; (folder, process)."""
     d = cluster.workdir("flow")
     (d / "marks").mkdir()
@@ -72,7 +76,7 @@ def flow(cluster, request, tasks: int, seconds: float, *, path_head: str = "", *
         shutil.chown(d / "marks", cluster.user, cluster.user)
     cluster.write(d / "flow.py", FLOW)
     exe = driver_python(cluster, request)
-    args = {"site": SITE[cluster.kind], "tasks": tasks, "seconds": seconds,
+    args = {"site": SITE[cluster.kind], "tasks": tasks, "seconds": seconds, "progress": progress,
             "marks": str(d / "marks"), "options": {"run_dir": str(d / "runinfo"), **options}}
     env = {**cluster.env, "PATH": f"{path_head}{Path(exe).parent}:{cluster.env['PATH']}"}
     argv = [*cluster.runas, "env", "-i", *(f"{k}={v}" for k, v in env.items()),
@@ -93,6 +97,14 @@ def stand_ins(folder: Path, real_bin: Path) -> Path:
 if [ -e {folder}/refuse ]; then
     echo "qsub: would exceed queue generic's per-user limit" >&2
     exit 38
+fi
+if [ -e {folder}/route-rejected ]; then
+    echo "qsub: Job rejected by all possible destinations" >&2
+    exit 191
+fi
+if [ -e {folder}/dropped ]; then  # accepted, then routed away: PBS no longer knows it
+    echo "$((9000 + $(wc -l < {folder}/calls))).aurora-pbs-0001.hostmgmt.cm.aurora.alcf.anl.gov"
+    exit 0
 fi
 exec {real_bin}/qsub "$@"
 """,
@@ -195,12 +207,16 @@ def test_a_job_of_ours_holding_the_debug_slot_only_delays_the_run(cluster, reque
     holder = cluster.submit(holder_dir, "sleep 12\n", "-q", "debug",
                             directives=("-l select=1:ncpus=208", "-l walltime=0:01:00"))
     cluster.wait_state(holder, "R")
-    d, proc = flow(cluster, request, 30, 0.2, queue="debug", max_jobs=1)
+    d, proc = flow(cluster, request, 30, 0.2, queue="debug", max_jobs=1, progress=0.5)
     code, out, err = finish(proc)
     assert code == 0, err[-2000:]
     assert json.loads(out.splitlines()[-1]) == [i * i for i in range(30)]
     log = next((d / "runinfo").glob("*/parsl.log")).read_text()
     assert "qsub refused a block (qsub: would exceed queue generic's per-user limit)" in log
+    # The progress lines count refusals as PBS's answers, not as blocks that failed.
+    lines = [line for line in err.splitlines() if "blocks:" in line]
+    assert any("; PBS: " in line and " refused" in line for line in lines), lines
+    assert all(", 0 failed" in line.split("blocks:")[1] for line in lines), lines
     assert no_leftovers(d) == []
 
 
@@ -221,4 +237,46 @@ def test_blocks_that_cannot_start_workers_end_the_run_naming_why(cluster, reques
     assert code == 2 and len(err.strip().splitlines()) == 1, err[-2000:]
     assert "3 blocks in a row ended before any of their workers connected" in err
     assert "worker_pool_guard.sh: not found" in err or "command not found" in err, err
+    assert no_leftovers(d) == []
+
+
+def test_blocks_pbs_holds_are_deleted_and_three_in_a_row_end_the_run(cluster, request):
+    """A job that fails to start is held by PBS (on the look-alike: a MoM prologue fails jobs of
+    the account fail-start, and run_count=20 leaves one attempt). The run deletes each held
+    block, asks for another after the backoff, and ends after three in a row, in one line."""
+    from parsl_aurora import runs
+
+    d, proc = flow(cluster, request, 1, 0.1, account="fail-start",
+                   scheduler_options="#PBS -W run_count=20")
+    code, _, err = finish(proc)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err[-2000:]
+    assert "3 blocks in a row were held by PBS without running" in err, err
+    assert "job held, too many failed attempts to run" in err
+    run_dir = next((d / "runinfo").glob("[0-9]*"))
+    events = runs.read_events((run_dir / runs.EVENTS).read_text())
+    assert [e.kind for e in events] == ["held"] * 3
+    for e in events:  # deleted by the run, not left in the queue
+        assert cluster.wait_state(e.job_id, "F")
+    assert no_leftovers(d) == []
+
+
+@pytest.mark.parametrize("answer,words", [
+    ("route-rejected", ["`qsub: Job rejected by all possible destinations` (qsub exit 191)",
+                        "Fix: ask for a node count and walltime one of the routing queue's"]),
+    ("dropped", ["3 blocks in a row were dropped by PBS without running",
+                 "PBS no longer knows it though it never ran"]),
+])
+def test_a_route_no_destination_takes_ends_the_run_in_one_line(fake, request, answer, words):
+    """Rejected by every destination of a routing queue: at qsub (exit 191), or after qsub
+    returned, when the job is simply gone. Neither is "not now", nor "completed"."""
+    from parsl_aurora import fake as fake_pkg
+
+    folder = fake.workdir("standins")
+    (folder / answer).touch()
+    head = f"{stand_ins(folder, fake_pkg.bin_dir())}:{fake_pkg.bin_dir()}:"
+    d, proc = flow(fake, request, 1, 0.1, path_head=head)
+    code, _, err = finish(proc)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err[-2000:]
+    for w in words:
+        assert w in err, err
     assert no_leftovers(d) == []

@@ -26,6 +26,8 @@ LAUNCHED_STATES = ("launched", "running", "running_ended")
 # Parsl's block states (parsl.jobs.states.JobState), by name.
 QUEUED_BLOCKS = ("PENDING", "HELD")
 FAILED_BLOCKS = ("FAILED", "MISSING")
+# What PBS can say to a block instead of running it (parsl_aurora.provider counts each).
+PBS_SAID = ("refused", "held", "dropped")
 
 _announced: set[str] = set()  # run ids whose run directory this process has printed
 
@@ -40,19 +42,26 @@ def task_counts(states: Mapping[str, int]) -> dict[str, int]:
             "launched": sum(states.get(s, 0) for s in LAUNCHED_STATES)}
 
 
-def block_counts(states: Iterable[str]) -> dict[str, int]:
-    """running / queued / failed, from the Parsl JobState names of every block."""
+def block_counts(states: Iterable[str], said: Mapping[str, int] | None = None
+                 ) -> dict[str, int]:
+    """running / queued / failed from the Parsl JobState names of the blocks PBS took and ran or
+    queued, and what PBS said (refused, held, dropped) from the providers' counts, so that
+    refusals read as refusals, not as blocks that failed."""
     states = list(states)
     return {"running": states.count("RUNNING"),
             "queued": sum(states.count(s) for s in QUEUED_BLOCKS),
-            "failed": sum(states.count(s) for s in FAILED_BLOCKS)}
+            "failed": sum(states.count(s) for s in FAILED_BLOCKS),
+            **{k: (said or {}).get(k, 0) for k in PBS_SAID}}
 
 
 def progress_line(tasks: Mapping[str, int], blocks: Mapping[str, int], stamp: str) -> str:
-    """`STAMP tasks: 9 done, 0 failed, 15 pending (12 launched); blocks: 1 running, ...`"""
+    """`STAMP tasks: 9 done, 0 failed, 15 pending (12 launched); blocks: 1 running, ...`, and
+    `; PBS: 6 refused, 1 held` when PBS refused, held or dropped any."""
+    said = ", ".join(f"{blocks[k]} {k}" for k in PBS_SAID if blocks.get(k))
     return (f"{stamp} tasks: {tasks['done']} done, {tasks['failed']} failed, "
             f"{tasks['pending']} pending ({tasks['launched']} launched); blocks: "
-            f"{blocks['running']} running, {blocks['queued']} queued, {blocks['failed']} failed")
+            f"{blocks['running']} running, {blocks['queued']} queued, {blocks['failed']} failed"
+            + (f"; PBS: {said}" if said else ""))
 
 
 def run_dir_line(run_dir: str) -> str:
@@ -78,11 +87,23 @@ def snapshot(dfk) -> tuple[dict[str, int], dict[str, int]]:
     Tasks come from the DFK's own counters (garbage-collected tasks included); blocks from
     each executor's status_facade, the state its last scheduler poll saw.
     """
+    from parsl_aurora.provider import DROPPED, HELD
+
     with dfk.task_state_counts_lock:
         states = {s.name: n for s, n in dfk.task_state_counts.items()}
-    blocks = [status.state.name for executor in dfk.executors.values()
-              for status in dict(getattr(executor, "status_facade", None) or {}).values()]
-    return task_counts(states), block_counts(blocks)
+    blocks, said = [], {}
+    for executor in dfk.executors.values():
+        for k, n in getattr(getattr(executor, "provider", None), "said", {}).items():
+            said[k] = said.get(k, 0) + n
+        taken = getattr(executor, "blocks_to_job_id", {})
+        for block, status in dict(getattr(executor, "status_facade", None) or {}).items():
+            # A block qsub refused has no job; one PBS held or dropped says so: PBS's counts
+            # show them, not "failed".
+            if status.state.name in FAILED_BLOCKS and (
+                    block not in taken or str(status.message or "").startswith((HELD, DROPPED))):
+                continue
+            blocks.append(status.state.name)
+    return task_counts(states), block_counts(blocks, said)
 
 
 def every_s() -> float:

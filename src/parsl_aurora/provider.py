@@ -24,6 +24,8 @@ from parsl.jobs.states import JobState, JobStatus
 from parsl.providers import PBSProProvider as _ParslPBSProProvider
 from parsl.providers.torque.torque import translate_table
 
+from parsl_aurora.runs import EVENTS, LEDGER
+
 # Under Parsl's logger, so these lines go to the run's parsl.log with Parsl's own, not to the
 # driver's stderr (where `progress` lines and one-line errors are the user's view).
 logger = logging.getLogger(f"parsl.{__name__}")
@@ -37,9 +39,20 @@ PERMANENT = {
          "through `parsl-aurora pbs-bridge -- apptainer exec aurora.sif python workflow.py`",
     166: "fix the resource request (select_options, scheduler_options)",
     170: "pick a queue PBS has (`qstat -Q` lists them)",
+    174: "submit to the routing queue (prod), not to the queues it routes to",
     175: "submit as your own user, not root",
     188: "ask for a walltime and node count the queue allows",
+    191: "ask for a node count and walltime one of the routing queue's destinations takes "
+         "(Aurora's prod: small 256-1024 nodes up to 12 h, medium 1025-1999 up to 18 h, large "
+         "2000 and more up to 24 h)",
 }
+# A block PBS held (it failed to start too often) or dropped (qsub took it, and qstat no longer
+# knows it though it never ran: a routing queue's destinations rejected it after qsub returned):
+# deleted and replaced with the backoff; this many in a row end the run.
+LOST_IN_A_ROW = 3
+HELD = "held by PBS"
+DROPPED = "dropped by PBS"
+
 # States a finished job can be in (`qstat -x`), and exit statuses that mean PBS or Parsl ended
 # it: walltime (-29), qdel (271: SIGTERM, 265: SIGKILL).
 ENDED_BY_PBS = (-29, 265, 271)
@@ -125,6 +138,10 @@ class PBSProProvider(_ParslPBSProProvider):
         self._qstat_failures = 0
         self.last_refusal = ""  # qsub's stderr, the last time it refused
         self.fatal = ""  # a refusal no retry can change, in one line with its fix
+        self._ran: set[str] = set()  # jobs qstat has shown running (or run)
+        self._lost_in_a_row = 0  # blocks held or dropped since a job last ran
+        # How often PBS refused a block, held one, dropped one (the progress line shows them).
+        self.said = {"refused": 0, "held": 0, "dropped": 0}
         # Set by the executor (parsl_aurora.runs.start_run): every job name of the run begins
         # with it, so `qstat -u $USER` shows which run a job belongs to.
         self.run_tag = ""
@@ -153,18 +170,56 @@ class PBSProProvider(_ParslPBSProProvider):
         if rc in PERMANENT:
             self.fatal = (f"PBS will not take this workflow's jobs: `{self.last_refusal}` "
                           f"(qsub exit {rc}). Fix: {PERMANENT[rc]}")
-        self._submit_failures += 1
-        delay = backoff_delay(self._submit_failures, *self.backoff)
-        self._hold_until = time.monotonic() + delay
+        self._event("refused", "-", f"{self.last_refusal} (qsub exit {rc})")
+        delay = self._back_off()
         logger.warning("qsub refused a block (%s); asking again in %.0f s", self.last_refusal,
                        delay)
         return None
+
+    def _back_off(self) -> float:
+        """Hold further submissions off, for longer after each refusal or lost block in a row."""
+        self._submit_failures += 1
+        delay = backoff_delay(self._submit_failures, *self.backoff)
+        self._hold_until = time.monotonic() + delay
+        return delay
+
+    def _event(self, kind: str, job_id: str, what: str) -> None:
+        self.said[kind] += 1
+        # What PBS said to this run, a line each: <unix time> TAB <kind> TAB <job id or -> TAB
+        # <what> (`parsl-aurora status` shows it).
+        if self.script_dir:
+            with open(Path(self.script_dir).parent / EVENTS, "a") as f:
+                f.write(f"{time.time():.0f}\t{kind}\t{job_id}\t{what}\n")
+
+    def _lost(self, job_id: str, kind: str, what: str, fix: str) -> JobStatus:
+        """A block PBS held or dropped: deleted (a held job would sit in the queue for good),
+        replaced after the backoff; LOST_IN_A_ROW in a row end the run with WHAT and FIX."""
+        if kind == "held":
+            self._run_qdel(job_id)
+        self._event(kind, job_id, what)
+        self._lost_in_a_row += 1
+        delay = self._back_off()
+        logger.warning("job %s %s (%s); a new block in %.0f s", job_id,
+                       HELD if kind == "held" else DROPPED, what, delay)
+        if self._lost_in_a_row >= LOST_IN_A_ROW and not self.fatal:
+            self.fatal = (f"{self._lost_in_a_row} blocks in a row were {kind} by PBS without "
+                          f"running; the last, job {job_id}: `{what}`. Fix: {fix}")
+        paths = {"stdout_path": self.resources[job_id]["job_stdout_path"],
+                 "stderr_path": self.resources[job_id]["job_stderr_path"]}
+        return JobStatus(JobState.FAILED, message=f"{HELD if kind == 'held' else DROPPED}: "
+                         f"{what}", **paths)
+
+    def _run_qdel(self, job_id: str) -> None:
+        try:
+            self.execute_wait(shlex.join(["qdel", job_id]))
+        except (OSError, subprocess.SubprocessError) as e:
+            logger.warning("qdel %s failed: %s", job_id, e)
 
     def _record(self, job_id: str, job_name: str) -> None:
         """One line per submitted job in <run_dir>/pbs_jobs.txt (`id<TAB>name<TAB>unix time`),
         for `parsl-aurora status` and `cleanup` (parsl_aurora.runs)."""
         if self.script_dir:
-            with open(Path(self.script_dir).parent / "pbs_jobs.txt", "a") as f:
+            with open(Path(self.script_dir).parent / LEDGER, "a") as f:
                 f.write(f"{job_id}\t{job_name}\t{time.time():.0f}\n")
 
     def execute_wait(self, cmd, timeout=None):
@@ -194,9 +249,26 @@ class PBSProProvider(_ParslPBSProProvider):
             job = lookup(jobs, job_id)
             paths = {"stdout_path": self.resources[job_id]["job_stdout_path"],
                      "stderr_path": self.resources[job_id]["job_stderr_path"]}
+            if job is None and job_id not in self._ran:
+                self.resources[job_id]["status"] = self._lost(
+                    job_id, "dropped", "qsub took it, and PBS no longer knows it though it "
+                    "never ran: a routing queue's destinations rejected it",
+                    PERMANENT[191])
+                continue
             if job is None:  # gone from the history: it ended
                 self.resources[job_id]["status"] = JobStatus(JobState.COMPLETED, **paths)
                 continue
+            if job.get("job_state") == "H" and "s" in str(job.get("Hold_Types", "")):
+                # A system hold (a user's or operator's hold is theirs to release).
+                self.resources[job_id]["status"] = self._lost(
+                    job_id, "held", job.get("comment") or "system hold",
+                    "the job cannot start on the nodes PBS gives it; write to ALCF support "
+                    "with the job ids (`parsl-aurora status` lists them)")
+                continue
+            if job.get("job_state") in ("R", "E", "F") and ("stime" in job or
+                                                            job.get("job_state") == "R"):
+                self._ran.add(job_id)
+                self._lost_in_a_row = 0
             code = job.get("Exit_status")
             state = STATES.get(job.get("job_state"), JobState.UNKNOWN)
             self.resources[job_id]["status"] = JobStatus(

@@ -30,6 +30,7 @@ from parsl_aurora.errors import ConfigError, SchedulerError
 
 RECORD = "run.json"
 LEDGER = "pbs_jobs.txt"
+EVENTS = "pbs_events.txt"  # what PBS said instead of running a block (the provider writes it)
 TAG_PREFIX = "pa"
 # PBS job states (qstat's job_state) a job can be deleted in: queued, held, waiting, in
 # transit, suspended, running, array begun. E (exiting) is already ending; F has ended.
@@ -150,6 +151,41 @@ def read_ledger(text: str) -> list[Submitted]:
         except ValueError:
             continue
     return out
+
+
+@dataclass(frozen=True)
+class Said:
+    """One line of pbs_events.txt: PBS refused a block, or held or dropped one of its jobs."""
+
+    at: float
+    kind: str  # refused, held, dropped
+    job_id: str  # "-" for a refusal (no job)
+    what: str
+
+
+def read_events(text: str) -> list[Said]:
+    """What PBS said to a run, from pbs_events.txt (parsl_aurora.provider writes it)."""
+    out = []
+    for line in text.splitlines(keepends=True):
+        parts = line.rstrip("\n").split("\t")
+        if not line.endswith("\n") or len(parts) != 4:
+            continue
+        try:
+            out.append(Said(float(parts[0]), parts[1], parts[2], parts[3]))
+        except ValueError:
+            continue
+    return out
+
+
+def said_line(events: list[Said]) -> str:
+    """`PBS said: 6 refused (the last at T: `...`), 1 held (...)`; "" when PBS said nothing."""
+    parts = []
+    for kind in ("refused", "held", "dropped"):
+        these = [e for e in events if e.kind == kind]
+        if these:
+            last = these[-1]
+            parts.append(f"{len(these)} {kind} (the last at {_when(last.at)}: {last.what})")
+    return f"PBS said: {'; '.join(parts)}" if parts else ""
 
 
 # ---------------------------------------------------------------- finding a run
@@ -335,6 +371,7 @@ class Status:
     qstat_error: str = ""
     logs: list[tuple[str, str]] = field(default_factory=list)
     checked: float = 0.0  # when qstat answered
+    events: list[Said] = field(default_factory=list)  # what PBS said instead of running blocks
 
 
 def log_places(run_dir: Path, shown: Path) -> list[tuple[str, str]]:
@@ -376,6 +413,10 @@ def status(path: str | os.PathLike, environ: Mapping[str, str] | None = None) ->
     out = Status(run_dir=shown, record=record, tasks=tasks, retries=retries, driver=state,
                  here=here, log_age=log_age, logs=log_places(run_dir, shown))
     try:
+        out.events = read_events((run_dir / EVENTS).read_text())
+    except OSError:
+        pass
+    try:
         ledger = read_ledger((run_dir / LEDGER).read_text())
     except OSError:
         ledger = []
@@ -389,8 +430,11 @@ def status(path: str | os.PathLike, environ: Mapping[str, str] | None = None) ->
     if jobs is None:
         out.qstat_error = f"qstat failed ({why})"
         jobs = {}
+    lost = {e.job_id: e for e in out.events if e.kind != "refused"}
     for s in ledger:
         word, note = job_state(lookup(jobs, s.job_id), out.qstat_error)
+        if s.job_id in lost:  # deleted by the run: why counts more than how it ended
+            note = f"{lost[s.job_id].kind} by PBS: {lost[s.job_id].what}"
         out.blocks.append(Block(s.block, s.job_id, s.name, s.at, word, note))
     return out
 
@@ -460,6 +504,8 @@ def render(s: Status, console) -> None:
     else:
         say("PBS jobs: none recorded (pbs_jobs.txt lists each job a PBS mode submits; an in_job "
             "run works inside the job that started it)")
+    if s.events:
+        say(said_line(s.events))
     if s.driver == "gone":
         left = (f"the {live} job{'s' if live != 1 else ''}" if not s.qstat_error
                 else "any job")

@@ -29,6 +29,15 @@ RC_PER_USER_LIMIT = 38   # qsub over a queue's per-user limit
 RC_UNKNOWN_JOB = 153
 RC_UNKNOWN_QUEUE = 170
 RC_OVER_LIMITS = 188     # qsub asking for more than the queue allows (walltime)
+RC_QUEUE_DENIED = 174    # qsub to a queue that takes jobs only from its routing queue
+# A job whose start failed this many times is held (OpenPBS: run_count above 2 x
+# PBS_MAX_HOPCOUNT, server_limits.h; users may set run_count with `qsub -W run_count=N`).
+MAX_RUN_COUNT = 20
+HELD_COMMENT = "job held, too many failed attempts to run"
+EXIT_RETRY = -3  # Exit_status of a job whose start failed (JOB_EXEC_RETRY)
+# Jobs of this account fail to start, on the fake as on the real look-alike (whose MoM
+# prologue fails them: .ci/install-openpbs.sh).
+FAIL_ACCOUNT = "fail-start"
 
 
 @dataclass(frozen=True)
@@ -37,15 +46,24 @@ class ServerQueue:
 
     max_walltime: int | None = None   # seconds (qmgr resources_max.walltime)
     max_user_queued: int | None = None  # queued-or-running jobs per user (max_queued [u:...])
+    min_nodes: int | None = None  # resources_min.nodect
+    max_nodes: int | None = None  # resources_max.nodect
+    from_route_only: bool = False
+    # A routing queue's destinations, tried in order; the first that takes the job gets it.
+    routes_to: tuple[str, ...] = ()
 
 
-# The queues of ../shared/tools/install-openpbs.sh's look-alike, which copy Aurora's limits;
-# `capacity` is Aurora's too, though the look-alike does not create it.
+# The queues of .ci/install-openpbs.sh's look-alike, which copy Aurora's limits (prod scaled to
+# its two nodes).
 QUEUES = {
     "workq": ServerQueue(),
     "debug": ServerQueue(max_walltime=3600, max_user_queued=1),
     "debug-scaling": ServerQueue(max_walltime=3600, max_user_queued=1),
-    "prod": ServerQueue(max_walltime=24 * 3600),
+    "prod": ServerQueue(max_walltime=24 * 3600, routes_to=("small", "medium")),
+    "small": ServerQueue(max_walltime=12 * 3600, min_nodes=1, max_nodes=1,
+                         from_route_only=True),
+    "medium": ServerQueue(max_walltime=18 * 3600, min_nodes=2, max_nodes=2,
+                          from_route_only=True),
     "capacity": ServerQueue(max_walltime=168 * 3600, max_user_queued=5),
 }
 

@@ -20,7 +20,7 @@ from parsl_aurora.fake.pbs import (
 WALLTIME = re.compile(r"^(?:(?:(\d+):)?(\d+):)?(\d+)$")
 SELECT = re.compile(r"^([1-9]\d*)((?::[A-Za-z_]\w*=[^:+]+)*)$")
 # Options whose value follows them, as in PBS's qsub(1); -V and -f take none.
-VALUED = set("qANoelvjmSWPa")
+VALUED = set("qANoelvjmSWPak")
 FLAGS = set("Vf")
 
 
@@ -139,7 +139,8 @@ def qsub(args: list[str], stdin_text: str | None = None) -> str:
     req = request(args, script)
     env = supervisor.job_environment(req["opts"], dict(os.environ))
     job = store.submit(req, script, script_path, name, env)
-    supervisor.start(job["id"])
+    if not job.get("dropped"):
+        supervisor.start(job["id"])
     return job["id"]
 
 

@@ -25,8 +25,9 @@ def as_pbs(job: dict, now: float) -> dict:
         out["Account_Name"] = job["account"]
     out.update({
         "Checkpoint": "u", "ctime": time.ctime(job["ctime"]),
-        "Error_Path": f"{SERVER}:{job['stderr']}", "Hold_Types": "n",
-        "Join_Path": job["join"], "Keep_Files": "n", "Mail_Points": "a",
+        "Error_Path": f"{SERVER}:{job['stderr']}",
+        "Hold_Types": job.get("hold", "n"), "Join_Path": job["join"],
+        "Keep_Files": job.get("keep", "n"), "Mail_Points": "a",
         "mtime": time.ctime(job["mtime"]), "Output_Path": f"{SERVER}:{job['stdout']}",
         "Priority": 0, "qtime": time.ctime(job["ctime"]), "Rerunable": "True",
         "Resource_List": {**job["resources"], "ncpus": ncpus * job["nodes"],
@@ -36,13 +37,14 @@ def as_pbs(job: dict, now: float) -> dict:
     })
     if job["stime"]:
         out["stime"] = time.ctime(job["stime"])
+    if job.get("pid"):  # started a process: a start that failed has no host
         out["exec_host"] = "+".join(f"{h}/0*{ncpus}" for h in job["hosts"])
         out["exec_vnode"] = "+".join(f"({h}:ncpus={ncpus})" for h in job["hosts"])
         out["resources_used"] = {"ncpus": ncpus * job["nodes"],
                                  "walltime": _hms((job["etime"] or now) - job["stime"])}
         out["session_id"] = job.get("pid", 0)
         out["jobdir"] = env.get("HOME", "/")
-    if job["state"] == "F":
+    if job["state"] == "F" or (job["state"] == "H" and job["etime"]):
         out["obittime"] = time.ctime(job["etime"])
     out["substate"] = job["substate"]
     out["Variable_List"] = {k: v for k, v in env.items() if k.startswith("PBS_O_")} | {
@@ -52,8 +54,8 @@ def as_pbs(job: dict, now: float) -> dict:
         out["comment"] = job["comment"]
     out["etime"] = time.ctime(job["ctime"])
     if job["stime"]:
-        out["run_count"] = 1
-    if job["exit_status"] is not None and job["state"] in ("E", "F"):
+        out["run_count"] = job.get("run_count", 0) + (1 if job.get("pid") else 0)
+    if job["exit_status"] is not None and job["state"] in ("E", "F", "H"):
         out["Exit_status"] = job["exit_status"]
     out["Submit_arguments"] = job["submit_args"]
     out["project"] = "_pbs_project_default"

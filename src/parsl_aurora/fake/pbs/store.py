@@ -21,6 +21,7 @@ from parsl_aurora.fake.pbs import (
     QUEUES,
     RC_OVER_LIMITS,
     RC_PER_USER_LIMIT,
+    RC_QUEUE_DENIED,
     RC_UNKNOWN_QUEUE,
     SERVER,
     PBSError,
@@ -82,18 +83,35 @@ def _next_seq(d: Path) -> int:
     return n  # a fresh PBS datastore starts at 0
 
 
-def check_queue(d: Path, queue: str, seconds: int, owner: str) -> None:
-    """Refuse as qsub does: unknown queue, walltime over the queue's, a full per-user limit."""
+def check_queue(d: Path, queue: str, seconds: int, nodes: int, owner: str,
+                routed: bool = False) -> str | None:
+    """The queue a job lands in, refusing as qsub does: unknown queue, a queue only its routing
+    queue may send to, walltime or nodes outside the queue's, a full per-user limit. A routing
+    queue hands the job to its first destination that takes it; None when none does."""
     limits = QUEUES.get(queue)
     if limits is None:
         raise PBSError("qsub: Unknown queue", RC_UNKNOWN_QUEUE)
-    if limits.max_walltime is not None and seconds > limits.max_walltime:
+    if limits.from_route_only and not routed:
+        raise PBSError("qsub: Access to queue is denied", RC_QUEUE_DENIED)
+    if ((limits.max_walltime is not None and seconds > limits.max_walltime)
+            or (limits.min_nodes is not None and nodes < limits.min_nodes)
+            or (limits.max_nodes is not None and nodes > limits.max_nodes)):
         raise PBSError("qsub: Job violates queue and/or server resource limits", RC_OVER_LIMITS)
+    if limits.routes_to:
+        for dest in limits.routes_to:
+            try:
+                return check_queue(d, dest, seconds, nodes, owner, routed=True)
+            except PBSError:
+                continue
+        # OpenPBS routes after qsub has returned the id: a job no destination takes is then
+        # deleted, and qstat never knew it ("Unknown Job Id", even with -x).
+        return None
     if limits.max_user_queued is not None:
         mine = [j for j in all_jobs(d)
                 if j["owner"] == owner and j["queue"] == queue and j["state"] != "F"]
         if len(mine) >= limits.max_user_queued:
             raise PBSError("qsub: would exceed queue generic's per-user limit", RC_PER_USER_LIMIT)
+    return queue
 
 
 def _output_path(option: str | None, default: str, workdir: str) -> str:
@@ -112,9 +130,11 @@ def submit(req: dict, script: str, script_path: Path | None, default_name: str,
     d = state_dir()
     workdir = os.getcwd()
     with _server_lock(d):
-        check_queue(d, queue, req["seconds"], owner)
+        queue = check_queue(d, queue, req["seconds"], req["nodes"], owner)
         seq = _next_seq(d)
         job_id = f"{seq}.{SERVER}"
+        if queue is None:
+            return {"id": job_id, "dropped": True}
         name = opts.get("N") or default_name
         stored = d / "scripts" / job_id  # PBS keeps its own copy: later edits do not count
         stored.write_text(script)
@@ -130,12 +150,24 @@ def submit(req: dict, script: str, script_path: Path | None, default_name: str,
             # PBS writes <name>.o<seq> / .e<seq> into qsub's folder when the job ends.
             "stdout": _output_path(opts.get("o"), f"{name}.o{seq}", workdir),
             "stderr": _output_path(opts.get("e"), f"{name}.e{seq}", workdir),
-            "join": opts.get("j", "n"), "env": env,
+            "join": opts.get("j", "n"), "keep": opts.get("k", "n"), "env": env,
+            "run_count": _run_count(opts.get("W", "")), "hold": "n",
             "state": "Q", "substate": 10, "exit_status": None, "comment": None,
             "ctime": now, "mtime": now, "stime": None, "etime": None,
         }
         save(d, job)
     return job
+
+
+def _run_count(w: str) -> int:
+    """`-W run_count=N` (how many times PBS counts the job as started already)."""
+    for part in w.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() == "run_count":
+            if not value.strip().isdigit():
+                raise PBSError("qsub: Illegal attribute or resource value run_count", 166)
+            return int(value)
+    return 0
 
 
 def _cli_words(opts: dict) -> list[str]:
@@ -146,7 +178,9 @@ def _cli_words(opts: dict) -> list[str]:
 def delete(d: Path, job: dict) -> None:
     """qdel: the job's supervisor sees the mark and ends it (SIGTERM, kill delay, SIGKILL)."""
     (d / "jobs" / f"{job['id']}.qdel").touch()
-    if job["state"] in ("R", "E") and not _alive(job.get("supervisor")):
+    if job["state"] == "H":  # held: nothing runs, nothing watches it
+        finish(d, job, job["exit_status"], 91, "terminated")
+    elif job["state"] in ("R", "E") and not _alive(job.get("supervisor")):
         finish(d, job, EXIT_DELETED, 91, f"terminated by {job['owner']}@{SERVER}")
 
 

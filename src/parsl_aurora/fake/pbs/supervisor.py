@@ -15,9 +15,21 @@ import time
 from pathlib import Path
 
 from parsl_aurora.fake import NODE_SUFFIX, bin_dir, procs
-from parsl_aurora.fake.pbs import EXIT_DELETED, EXIT_WALLTIME, SERVER, store
+from parsl_aurora.fake.pbs import (
+    EXIT_DELETED,
+    EXIT_RETRY,
+    EXIT_WALLTIME,
+    FAIL_ACCOUNT,
+    HELD_COMMENT,
+    MAX_RUN_COUNT,
+    SERVER,
+    store,
+)
 
 POLL = 0.05
+# Seconds between two attempts to start a job whose start failed (the real server's scheduler
+# tries again on its next cycle).
+RETRY = 1.0
 # PBS's default kill_delay: seconds between the SIGTERM and the SIGKILL that end a job.
 KILL_DELAY = 10.0
 # What a login shell on a compute node finds, before the user's profile; the fake's PALS
@@ -132,6 +144,28 @@ def pbs_variables(job: dict, home: str, tmpdir: Path, nodefile: Path) -> dict[st
     return env
 
 
+def fail_starts(d: Path, job: dict, deleted: Path) -> None:
+    """A job that cannot start (its account is FAIL_ACCOUNT): every attempt counts, and above
+    MAX_RUN_COUNT PBS holds it (a system hold, `s`) with the comment users see on Aurora."""
+    while not deleted.exists():
+        now = time.time()
+        # As PBS records an attempt: started (stime), ended at once (obittime), to be retried.
+        job.update(run_count=job.get("run_count", 0) + 1, stime=now, etime=now, mtime=now,
+                   exit_status=EXIT_RETRY)
+        if job["run_count"] > MAX_RUN_COUNT:
+            job.update(state="H", substate=20, hold="s", comment=HELD_COMMENT)
+            store.save(d, job)
+            return
+        job.update(comment="Not Running: the job's start failed; PBS tries again")
+        store.save(d, job)
+        time.sleep(RETRY)
+    store.finish(d, job, EXIT_RETRY, 91, "terminated")
+
+
+def _open_output(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+
 def _stage_out(src: Path, dest: str, extra: str = "") -> None:
     """Deliver a spooled output file as PBS does: at the end, mode 0600, whole."""
     try:
@@ -154,19 +188,31 @@ def supervise(job_id: str) -> None:
     if deleted.exists():  # qdel'd while still queued: no Exit_status, as PBS
         store.finish(d, job, None, 91, "terminated")
         return
+    if job["account"] == FAIL_ACCOUNT:
+        fail_starts(d, job, deleted)
+        return
     home = job["env"].get("HOME", "/")
     tmpdir = d / "tmp" / f"pbs.{job_id}"
     tmpdir.mkdir(mode=0o700, exist_ok=True)
     nodefile = d / "aux" / job_id
     nodefile.write_text("".join(f"{h}.{NODE_SUFFIX}\n" for h in job["hosts"]))
     env = {**job["env"], **pbs_variables(job, home, tmpdir, nodefile)}
-    out_spool, err_spool = d / "spool" / f"{job_id}.OU", d / "spool" / f"{job_id}.ER"
+    # -k d(irect): PBS writes o/e where they go as the job runs; otherwise to its spool, and
+    # delivers them at the end.
+    keep = job.get("keep", "n")
+    direct = {x: "d" in keep and x in keep for x in "oe"}
+    out_spool = (Path(job["stdout"]) if direct["o"] else d / "spool" / f"{job_id}.OU")
+    err_spool = (Path(job["stderr"]) if direct["e"] else d / "spool" / f"{job_id}.ER")
     os.umask(0o077)  # PBS's default job umask: the job's files are its owner's
-    with open(out_spool, "ab") as out, open(err_spool, "ab") as err:
+    out, err = _open_output(out_spool), _open_output(err_spool)
+    try:
         proc = subprocess.Popen(["/bin/bash", job["script"]], cwd=home, env=env,
                                 stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=out if job["join"] == "oe" else err,
                                 start_new_session=True)
+    finally:
+        os.close(out)
+        os.close(err)
     start = time.time()
     ran = "+".join(f"({h}:ncpus={job['ncpus']})" for h in job["hosts"])
     job.update(state="R", substate=42, stime=start, mtime=start, supervisor=os.getpid(),
@@ -196,9 +242,14 @@ def supervise(job_id: str) -> None:
     # PBS ends every process of a job when the job ends, whatever ended it.
     end_job(proc.pid, codes, float(os.environ.get("PARSL_AURORA_KILL_DELAY", KILL_DELAY)))
     proc.returncode = codes.get(proc.pid, code)  # reaped here; keep Popen from waiting again
-    _stage_out(out_spool, job["stdout"])
+    if not direct["o"]:
+        _stage_out(out_spool, job["stdout"])
     if job["join"] != "oe":
-        _stage_out(err_spool, job["stderr"], killed)
+        if not direct["e"]:
+            _stage_out(err_spool, job["stderr"], killed)
+        elif killed:
+            with open(err_spool, "a") as f:
+                f.write(killed)
     shutil.rmtree(tmpdir, ignore_errors=True)
     substate, how = ((93, "exceeded resource walltime") if code == EXIT_WALLTIME else
                      (91, f"terminated by {job['owner']}@{SERVER}") if code == EXIT_DELETED else
