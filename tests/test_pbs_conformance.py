@@ -326,8 +326,8 @@ def test_a_job_no_destination_takes_is_accepted_and_then_unknown(cluster, direct
     out = cluster.qsub(d, "true\n", "-q", "prod", directives=directives)
     assert out.returncode == 0 and re.match(ID_FORMAT, out.stdout.strip()), out
     job_id = out.stdout.strip()
-    rc, doc, err = wait_for(lambda: (r := cluster.qstat("-x", job_id))[0] == 153 and r,
-                            "the routed job unknown")
+    _, doc, err = wait_for(lambda: (r := cluster.qstat("-x", job_id))[0] == 153 and r,
+                           "the routed job unknown")
     assert (set(doc), err) == (HEADER, f"qstat: Unknown Job Id {job_id}\n")
 
 
