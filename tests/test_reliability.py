@@ -153,6 +153,45 @@ def test_killed_worker_pool_tasks_are_retried_in_multi_job(cluster, request):
     assert no_leftovers(flow.folder) == []
 
 
+def test_one_killed_pool_of_a_two_node_block_ends_only_itself(cluster, request):
+    """A 2-node block runs one pool per node under one mpiexec. PALS ends every rank when one
+    exits non-zero unless told not to; the pool launcher says --no-abort-on-failure, so when
+    one node's pool is killed (OOM, a bad node) the other node's tasks run on: they finish once,
+    and only the lost ones run again."""
+    flow = Flow(cluster, request, "multi_job", 24, 20, nodes_per_job=2, max_jobs=1)
+    proc = flow.start()
+    try:
+        wait_for(lambda: len(flow.marked("start")) == 24, "24 tasks running on two nodes")
+        pools = {p.pid: p for p in processes() if p.cwd.startswith(str(flow.folder))
+                 and "bin/process_worker_pool.py" in p.cmdline and "guard" not in p.cmdline}
+        assert len(pools) == 2, "\n".join(leftovers(flow.folder))
+        hosts = {pid: _variable(pid, "PARSL_AURORA_HOST") for pid in pools}
+        assert len(set(hosts.values())) == 2, hosts  # one pool on each node
+        victim = max(pools)
+        workers = {p.pid for p in processes() if p.ppid == victim}
+        os.kill(victim, signal.SIGKILL)
+        result = finish(proc)
+    finally:
+        proc.kill()
+    assert result["results"] == [i * i for i in range(24)]
+    starts: dict[int, list[int]] = {}
+    for marker in sorted(flow.marks.glob("start-*"), key=lambda m: int(m.name.split(".")[2])):
+        task, pid, _ = marker.name[len("start-"):].split(".")
+        starts.setdefault(int(task), []).append(int(pid))
+    lost = {t for t, pids in starts.items() if pids[0] in workers}
+    assert len(lost) == 12, starts  # the killed pool's twelve workers were all busy
+    # The other node's tasks ran once; the lost ones once more, after the pool was missed.
+    assert {t: len(p) for t, p in starts.items()} == {t: 2 if t in lost else 1 for t in range(24)}
+    assert set(flow.marked("end")) == set(range(24)) and len(flow.marked("end")) == 24
+    assert no_leftovers(flow.folder) == []
+
+
+def _variable(pid: int, name: str) -> str:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(name.encode() + b"=")),
+                "")
+
+
 @pytest.fixture
 def fake(tmp_path):
     from clusters import fake_cluster
