@@ -48,9 +48,11 @@ def markers(text: str, name: str) -> list[Marker]:
     found = []
     for m in MARKER.finditer(text):
         before = MARKER.sub("", text[:m.start()]).rstrip()
-        # The sentence: back to the previous sentence end, blank line, table cell or colon.
-        start = max(before.rfind(". "), before.rfind(".\n"), before.rfind("\n\n"),
-                    before.rfind("|"), before.rfind(": "))
+        # The sentence: a table's row whole, else back to the previous sentence end, blank line
+        # or colon.
+        row = before.rfind("\n") + 1
+        start = row - 1 if before[row:].startswith("|") else max(
+            before.rfind(". "), before.rfind(".\n"), before.rfind("\n\n"), before.rfind(": "))
         found.append(Marker(name, text.count("\n", 0, m.start()) + 1, m[1], m[2],
                             " ".join(before[start + 1:].split())))
     return found
@@ -150,11 +152,13 @@ def test_a_marker_to_a_missing_check_is_reported():
         "Rebuilds take 11 s\nagainst 56 s (`python3.11`). <!-- claim: docs/benchmarks.md -->\n"
         "Rebuilds take 17 s. <!-- claim: docs/benchmarks.md -->\n"
         "Nobody knows. <!-- unchecked: no -->\n"
-        "Bad. <!-- claims: tests/test_claims.py -->\n")
+        "Bad. <!-- claims: tests/test_claims.py -->\n"
+        "| 11 s | 0.20x | 12 |\n| a row | 16 s | <!-- claim: docs/benchmarks.md -->\n")
     found = markers(doc, "doc.md")
     assert found[5].sentence == "Rebuilds take 11 s against 56 s (`python3.11`)."
     p = problems(found)
-    assert [line.split(":")[1] for line in p] == ["2", "3", "4", "5", "8", "9"], p
+    assert found[-1].sentence == "| a row | 16 s |"
+    assert [line.split(":")[1] for line in p] == ["2", "3", "4", "5", "8", "9", "12"], p
     assert p[0].endswith("tests/test_security.py has no function test_no_such_test")
     assert p[1].endswith("benchmarks/gone.py does not exist")
     assert p[3].endswith("tests/test_claims.py::problem is not a test pytest collects")
