@@ -20,13 +20,17 @@ from parsl.launchers import SimpleLauncher
 
 from parsl_aurora import provider as prov
 
-JOB = "7.aurora-pbs-0001.hostmgmt.cm.aurora.alcf.anl.gov"
+SERVER = "aurora-pbs-0001.hostmgmt.cm.aurora.alcf.anl.gov"
+JOB = f"7.{SERVER}"
 QSUB = """#!/bin/sh
 echo "$*" >> {d}/qsub.calls
 if [ -e {d}/qsub.rc ]; then cat {d}/qsub.err >&2; exit "$(cat {d}/qsub.rc)"; fi
-echo {job}
+n=$(cat {d}/seq 2>/dev/null || echo 7)
+echo $((n + 1)) > {d}/seq
+echo "$n.{server}"
 """
 QSTAT = """#!/bin/sh
+echo "$*" >> {d}/qstat.calls
 if [ -e {d}/qstat.fails ]; then
     printf '{{"timestamp": 1, "pbs_version": "23.06.06", "pbs_server": "aurora-pbs-0001"}}\\n'
     echo "qstat: cannot connect to server aurora-pbs-0001 (errno=15010)" >&2
@@ -60,13 +64,18 @@ class PBS:
         for name, text in (("qsub", QSUB), ("qstat", QSTAT)):
             path = folder / "bin" / name
             path.parent.mkdir(exist_ok=True)
-            path.write_text(text.format(d=folder, job=JOB))
+            path.write_text(text.format(d=folder, server=SERVER))
             path.chmod(0o755)
 
-    def answer(self, state: str) -> None:
-        """What qstat says of the job from now on, in PBS's JSON."""
+    def answer(self, state: str, **others: str) -> None:
+        """What qstat says from now on, in PBS's JSON: of JOB, and of other jobs by number."""
+        jobs = {JOB: state, **{f"{n}.{SERVER}": s for n, s in others.items()}}
         (self.d / "qstat.json").write_text(json.dumps(
-            {"pbs_server": "aurora-pbs-0001", "Jobs": {JOB: {"job_state": state}}}))
+            {"pbs_server": "aurora-pbs-0001",
+             "Jobs": {j: {"job_state": s} for j, s in jobs.items()}}))
+
+    def qstat_calls(self) -> list[str]:
+        return (self.d / "qstat.calls").read_text().splitlines()
 
     def refuse(self, rc: int, stderr: str) -> None:
         (self.d / "qsub.rc").write_text(str(rc))
@@ -165,3 +174,16 @@ def test_each_permanent_refusal_is_one_line_with_code_and_fix(tmp_path, pbs, clo
     assert f"`{stderr or p.last_refusal}`" in p.fatal and p.last_refusal
     if stderr is None:
         assert "qsub" in p.last_refusal and "not found" in p.last_refusal
+
+
+def test_qstat_is_asked_once_per_poll_and_only_about_jobs_not_seen_ending(tmp_path, pbs):
+    p = provider(tmp_path)
+    first, second = p.submit("true", 1), p.submit("true", 1)
+    assert (first, second) == (JOB, f"8.{SERVER}")
+    pbs.answer("R", **{"8": "R"})
+    p.status([first, second])
+    pbs.answer("F", **{"8": "R"})
+    p.status([first, second])
+    p.status([first, second])  # the first has ended: only the second is asked about
+    assert pbs.qstat_calls() == [f"-x -f -F json {first} {second}"] * 2 + [
+        f"-x -f -F json {second}"]
