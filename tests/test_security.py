@@ -542,10 +542,10 @@ STAND_IN_QSUB = '#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "{log}
 # The image-side client's protocol, in Debian's own python3 (nobody cannot run this venv's).
 RAW_CLIENT = """import json, socket, sys
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
-s.sendall(json.dumps({"argv": ["qsub", "job.sh"], "cwd": "/"}).encode() + b"\\n")
 try:
+    s.sendall(json.dumps({"argv": ["qsub", "job.sh"], "cwd": "/"}).encode() + b"\\n")
     print(s.makefile("rb").readline().decode() or "no reply")
-except ConnectionResetError:  # closed unread: refused
+except (BrokenPipeError, ConnectionResetError):  # closed unread: refused
     print("no reply")
 """
 
