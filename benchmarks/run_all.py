@@ -6,8 +6,9 @@
     python benchmarks/run_all.py --only image_build --merge   # re-run one part, keep the rest
     python benchmarks/run_all.py --from-json            # re-render the last saved results
 
-Raw results go to --json. Every figure in the document, the header's run counts included, comes
-from the results it is written from; each part says when it was measured.
+Raw results go to --json (benchmarks/results.json, committed with the document it renders:
+tests/test_claims.py checks that the two agree). Every figure in the document, the header's run
+counts included, comes from the results it is written from; each part says when it was measured.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import throughput
 import container
 
 DOC = harness.ROOT / "docs" / "benchmarks.md"
+RESULTS = harness.ROOT / "benchmarks" / "results.json"
 # part -> (section title, runs it, the run counts it reports)
 PARTS = {
     "first_result": ("Time from `parsl.load` to the first result",
@@ -103,7 +105,7 @@ def main() -> int:
     p.add_argument("--container-runs", type=int, default=container.RUNS)
     p.add_argument("--builds", type=int, default=image_build.BUILDS)
     p.add_argument("--quick", action="store_true", help=f"small counts: {QUICK}")
-    p.add_argument("--json", type=Path, default=harness.WORK / "results.json")
+    p.add_argument("--json", type=Path, default=RESULTS)
     p.add_argument("--from-json", action="store_true", help="render saved results, run nothing")
     p.add_argument("--merge", action="store_true",
                    help="keep the saved results of parts not run now (each says when it ran)")

@@ -125,3 +125,27 @@ def test_request_golden():
                       "filesystems": "home:flare"},
         "select": "2:ncpus=208", "nodes": 2, "ncpus": 208, "walltime": "00:20:00",
         "seconds": 1200}
+
+
+def test_concurrent_qsubs_get_distinct_ids_and_the_per_user_limit_holds(fake):
+    """Submissions take one lock: a dozen qsubs at once get a dozen ids, one after another, and
+    into debug (one job per user) exactly one of a dozen is accepted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = fake.workdir()
+    script = fake.write(d / "job.sh", "#!/bin/bash\n#PBS -l select=1\n"
+                        "#PBS -l walltime=0:01:00\nsleep 60\n")
+
+    def qsubs(*args: str) -> list:
+        with ThreadPoolExecutor(12) as pool:
+            return list(pool.map(lambda _: fake.run("qsub", *args, str(script), cwd=d),
+                                 range(12)))
+
+    ids = [out.stdout.strip() for out in qsubs()]
+    assert sorted(int(i.split(".")[0]) for i in ids) == list(range(12)), ids
+    debug = qsubs("-q", "debug")
+    assert sorted(out.returncode for out in debug) == [0] + [38] * 11
+    assert {out.stderr for out in debug if out.returncode} == {
+        "qsub: would exceed queue generic's per-user limit\n"}
+    fake.run("qdel", *ids, *(out.stdout.strip() for out in debug if out.returncode == 0),
+             cwd=d)

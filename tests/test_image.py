@@ -383,6 +383,15 @@ def test_sqlalchemy_is_in_the_image_but_off_the_default_path(built_image):
 
 
 @needs_apptainer
+def test_nothing_can_be_pip_installed_in_the_image(built_image):
+    """pip runs from its locked wheel at build time and is never installed: no pip module and
+    no pip command, so nothing can be installed into the image at run time."""
+    out = run("apptainer", "exec", str(built_image), "sh", "-c",
+              "command -v pip pip3 pip3.11; python -m pip --version")
+    assert out.stdout == "" and "No module named pip" in out.stderr, out.stdout + out.stderr
+
+
+@needs_apptainer
 def test_second_build_reuses_the_image(built_image):
     before = built_image.stat().st_mtime_ns
     out = run(sys.executable, "-m", "parsl_aurora.image", "build", cwd=ROOT)

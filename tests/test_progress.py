@@ -203,3 +203,45 @@ def test_on_a_terminal_a_bar_and_no_log_lines(tmp_path):
     assert "run directory: " in text and "squares" in text, text
     assert "results [0, 1, 4, 9]" in text
     assert not re.search(r"tasks: \d+ done", text), text
+
+
+@pytest.mark.slow
+@pytest.mark.needs("mpi")
+def test_watching_asks_the_scheduler_nothing(tmp_path, monkeypatch):
+    """progress reads the block states Parsl's last poll saw: however often it looks, it runs
+    no scheduler command. The provider's real status() is watched for calls from this thread
+    (Parsl's poller keeps calling it from its own)."""
+    import subprocess as sp
+    import threading
+
+    import parsl
+    from clusters import wait_for
+
+    import site_configs
+    from parsl_aurora.progress import snapshot
+
+    saved = dict(os.environ)  # the local site puts the fake's commands into os.environ
+    config = site_configs.load("local", "multi_job")
+    provider = config.executors[0].provider
+    real, watching, asked = provider.status, threading.Event(), []
+
+    def status(job_ids):
+        if watching.is_set() and threading.current_thread() is threading.main_thread():
+            asked.append(job_ids)
+        return real(job_ids)
+
+    monkeypatch.setattr(provider, "status", status)
+    dfk = parsl.load(config)
+    try:
+        parsl.python_app(sp.call)(["sleep", "600"])
+        wait_for(lambda: snapshot(dfk)[1]["running"] >= 1, "a running block")
+        watching.set()
+        views = [snapshot(dfk) for _ in range(20)]
+        watching.clear()
+    finally:
+        dfk.cleanup()
+        os.environ.clear()
+        os.environ.update(saved)
+    assert all(blocks["running"] == 1 for _, blocks in views), views
+    assert asked == []
+    assert no_leftovers(tmp_path) == []

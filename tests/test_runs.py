@@ -111,6 +111,22 @@ def test_driver_state(record, cleaned, now, state):
     assert runs.driver_state(record, cleaned, "uan10", now) == state
 
 
+def test_cleanup_refuses_a_live_or_unseen_driver_unless_forced():
+    """A driver that still runs would submit new blocks: cleanup refuses, naming the fix; one on
+    another login node cannot be seen from here, so only --force lets cleanup go on."""
+    here = socket.gethostname()
+    me = {"pid": os.getpid(), "host": here, "start": runs.process_start(os.getpid())}
+    with pytest.raises(ConfigError, match=f"`kill {os.getpid()}`"):
+        runs.check_driver_stopped(me, Path("runinfo/000"), False, force=False)
+    elsewhere = {"pid": 7, "host": "aurora-uan-0099", "start": 1}
+    with pytest.raises(ConfigError, match="run cleanup on aurora-uan-0099, or pass --force"):
+        runs.check_driver_stopped(elsewhere, Path("runinfo/000"), False, force=False)
+    for record in (me, elsewhere):
+        assert runs.check_driver_stopped(record, Path("runinfo/000"), False, force=True) is None
+    gone = {"pid": 7, "host": here, "start": 1}  # no such process start here: nothing to refuse
+    assert runs.check_driver_stopped(gone, Path("runinfo/000"), False, force=False) is None
+
+
 def test_process_start_names_a_running_process_and_not_a_zombie():
     assert runs.process_start(os.getpid()) == runs.process_start(os.getpid()) is not None
     pid = os.fork()

@@ -291,14 +291,34 @@ def test_certificates_folder_is_private(tmp_path, restore_environ):
         assert names == ["client.key", "client.key_secret", "server.key", "server.key_secret"]
 
 
-def test_secret_key_files_are_not_writable_by_others(tmp_path, restore_environ):
-    # pyzmq writes *.key_secret with the process umask (0644 under 022): readable by mode, but
-    # only through Parsl's 0700 folder, so nobody but the owner can reach them.
-    with interchange_without_blocks(encrypted=True) as ex:
-        secrets = sorted(Path(ex.cert_dir).glob("*.key_secret"))
+def test_secret_key_files_are_out_of_other_users_reach_whatever_the_umask(monkeypatch,
+                                                                         restore_environ):
+    # pyzmq writes *.key_secret with the process umask (0666 under 000, 0644 under 022): only
+    # Parsl's 0700 folder keeps other users from them, so that must hold under umask 000 too.
+    # The run goes where others may pass (pytest's own folders are private: they would hide
+    # a readable key).
+    import tempfile
+
+    run = Path(tempfile.mkdtemp(prefix="parsl-aurora-keys-", dir="/tmp"))
+    run.chmod(0o755)
+    monkeypatch.chdir(run)
+    try:
+        _keys_out_of_reach()
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def _keys_out_of_reach() -> None:
+    with loose_umask(), interchange_without_blocks(encrypted=True) as ex:
+        cert_dir = Path(ex.cert_dir)
+        secrets = sorted(cert_dir.glob("*.key_secret"))
         assert len(secrets) == 2
-        assert all(_mode(p) & 0o022 == 0 for p in secrets)
-        assert _mode(Path(ex.cert_dir)) == 0o700
+        assert _mode(cert_dir) == 0o700 and cert_dir.stat().st_uid == os.getuid()
+        if os.geteuid() == 0:  # CI: ask as another user, as an attacker on the login node would
+            for path in secrets:
+                other = subprocess.run(["runuser", "-u", "nobody", "--", "cat", str(path)],
+                                       capture_output=True, text=True, check=False)
+                assert other.returncode != 0 and "Permission denied" in other.stderr, other
 
 
 def test_install_image_sets_owner_only_write(tmp_path):
@@ -513,3 +533,90 @@ def test_wheelhouse_holds_only_wheels_without_keys(built_image):
                 if found:
                     hits[f"{wheel.name}:{member}"] = found
     assert hits == {}
+
+
+# ---------------------------------------------------------------- the PBS bridge
+# `parsl-aurora pbs-bridge` runs PBS commands for whoever reaches its socket: it must run only
+# qsub, qstat and qdel, never through a shell, and only for the user who started it.
+STAND_IN_QSUB = '#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "{log}"\necho 1.server\n'
+# The image-side client's protocol, in Debian's own python3 (nobody cannot run this venv's).
+RAW_CLIENT = """import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+try:
+    s.sendall(json.dumps({"argv": ["qsub", "job.sh"], "cwd": "/"}).encode() + b"\\n")
+    print(s.makefile("rb").readline().decode() or "no reply")
+except (BrokenPipeError, ConnectionResetError):  # closed unread: refused
+    print("no reply")
+"""
+
+
+@pytest.fixture
+def bridged_qsub(tmp_path, monkeypatch) -> Path:
+    """A stand-in qsub first on the bridge's PATH, logging its arguments one a line."""
+    log = tmp_path / "qsub.args"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "qsub").write_text(STAND_IN_QSUB.format(log=log))
+    (bin_dir / "qsub").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return log
+
+
+def test_bridge_passes_arguments_to_pbs_without_a_shell(tmp_path, bridged_qsub, monkeypatch,
+                                                        capsys):
+    from parsl_aurora import bridge
+
+    server = bridge.serve(str(tmp_path / "pbs.sock"))
+    monkeypatch.setenv(bridge.ENV, str(tmp_path / "pbs.sock"))
+    try:
+        tricks = ["job.sh; touch pwned1", "$(touch pwned2)", "`touch pwned3`", "a|touch pwned4"]
+        assert bridge.client(["qsub", *tricks]) == 0
+        assert capsys.readouterr().out == "1.server\n"
+        assert bridged_qsub.read_text().splitlines() == tricks  # each argument as it was
+        assert bridge.client(["sh", "-c", "touch pwned5"]) == 2
+        assert "only qsub, qstat, qdel" in capsys.readouterr().err
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not list(tmp_path.rglob("pwned*")) and not list(Path.cwd().rglob("pwned*"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root (CI is)")
+def test_bridge_serves_only_the_user_who_started_it(bridged_qsub):
+    import tempfile
+
+    from parsl_aurora import bridge
+
+    # A socket anyone could reach, so that only the bridge's own check turns nobody away.
+    folder = Path(tempfile.mkdtemp(prefix="parsl-aurora-bridge-test-", dir="/tmp"))
+    try:
+        folder.chmod(0o755)
+        sock = folder / "pbs.sock"
+        server = bridge.serve(str(sock))
+        sock.chmod(0o777)
+        try:
+            ask = ["/usr/bin/python3", "-c", RAW_CLIENT, str(sock)]
+            other = subprocess.run(["runuser", "-u", "nobody", "--", *ask], capture_output=True,
+                                   text=True, check=False)
+            assert other.stdout.strip() == "no reply", other.stdout + other.stderr
+            assert not bridged_qsub.exists()  # nothing was run for nobody
+            me = subprocess.run(ask, capture_output=True, text=True, check=False)
+            assert '"rc": 0' in me.stdout and bridged_qsub.read_text() == "job.sh\n"
+        finally:
+            server.shutdown()
+            server.server_close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_bridge_socket_folder_is_private_whatever_the_umask():
+    from parsl_aurora import bridge
+
+    probe = ('d=$(dirname "$PARSL_AURORA_PBS_BRIDGE"); test -S "$PARSL_AURORA_PBS_BRIDGE" && '
+             'test "$APPTAINERENV_PARSL_AURORA_PBS_BRIDGE" = "$PARSL_AURORA_PBS_BRIDGE" && '
+             'stat -c "%a %u" "$d" > seen && echo "$d" >> seen')
+    with loose_umask():
+        assert bridge.run_bridged(["sh", "-c", probe]) == 0
+    mode_owner, folder = Path("seen").read_text().splitlines()
+    assert mode_owner == f"700 {os.getuid()}"
+    assert not Path(folder).exists()  # gone with the command

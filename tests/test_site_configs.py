@@ -1,6 +1,7 @@
 """Parity with ALCF's reference configs, field by field, and the errors for bad requests."""
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -409,3 +410,22 @@ def test_inside_the_image_pbs_needs_the_bridge(monkeypatch, tmp_path):
     monkeypatch.delenv("PARSL_AURORA_PBS_BRIDGE", raising=False)
     with pytest.raises(ConfigError, match="pbs-bridge -- apptainer exec aurora.sif"):
         aurora.multi_job(account="P", **AT)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0,
+                    reason="a network namespace of the test's own needs root on Linux (CI is)")
+def test_aurora_workers_connect_over_hsn0_by_default(tmp_path):
+    """Aurora's default interface, through a real interface of that name: this machine has no
+    Slingshot, so a veth called hsn0 in a network namespace the test makes (gone with it)."""
+    import shlex
+    import subprocess
+
+    probe = ("from site_configs import aurora\n"
+             "for mode in (aurora.multi_job, aurora.mpi_ensemble):\n"
+             "    print(mode(account='P').executors[0].address)\n")
+    script = ("ip link add hsn0 type veth peer name hsn0peer && "
+              "ip addr add 10.201.7.5/24 dev hsn0 && ip link set hsn0 up && "
+              f"exec {shlex.quote(sys.executable)} -c {shlex.quote(probe)}")
+    out = subprocess.run(["unshare", "--net", "sh", "-c", script], cwd=tmp_path,
+                         capture_output=True, text=True, check=False)
+    assert out.stdout.split() == ["10.201.7.5", "10.201.7.5"], out.stderr[-2000:]

@@ -1,0 +1,184 @@
+"""The claims ledger: each claim in README.md and docs/*.md names the check that holds it.
+
+`python tests/test_claims.py` lists the ledger; the tests fail when a marker names no check.
+
+A sentence that says what the software does or how fast ends with a marker on its last line:
+`<!-- claim: tests/test_x.py::test_y -->` (a test function, `Class::test_y`, or a
+parametrised test's base name), `<!-- claim: benchmarks/x.py -->` (the script that measures
+it), `<!-- claim: docs/benchmarks.md -->` (every number in the sentence is one the benchmarks
+rendered there), or `<!-- unchecked: why nothing here can check it -->`. One marker may name
+several checks, separated by spaces.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BENCH_DOC = "docs/benchmarks.md"
+RESULTS = ROOT / "benchmarks" / "results.json"
+MARKER = re.compile(r"<!--\s*(claim|unchecked):\s*(.*?)\s*-->")
+# Anything that looks meant as a marker but does not parse is an error, not a silent non-claim.
+LOOKS_LIKE = re.compile(r"<!--\s*(claim|uncheck)", re.IGNORECASE)
+NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\d])")
+
+
+@dataclass(frozen=True)
+class Marker:
+    doc: str  # path relative to the root
+    line: int
+    kind: str  # "claim" or "unchecked"
+    text: str  # the checks (claim) or the reason (unchecked)
+    sentence: str  # the sentence the marker ends, markdown as written
+
+    def where(self) -> str:
+        return f"{self.doc}:{self.line}"
+
+
+def markers(text: str, name: str) -> list[Marker]:
+    """Every marker in one markdown text, with the sentence each one ends."""
+    found = []
+    for m in MARKER.finditer(text):
+        before = MARKER.sub("", text[:m.start()]).rstrip()
+        # The sentence: a table's row whole, else back to the previous sentence end, blank line
+        # or colon.
+        row = before.rfind("\n") + 1
+        start = row - 1 if before[row:].startswith("|") else max(
+            before.rfind(". "), before.rfind(".\n"), before.rfind("\n\n"), before.rfind(": "))
+        found.append(Marker(name, text.count("\n", 0, m.start()) + 1, m[1], m[2],
+                            " ".join(before[start + 1:].split())))
+    return found
+
+
+def malformed(text: str, name: str) -> list[str]:
+    """Comments that look meant as markers but do not parse: a typo must not drop a claim."""
+    good = {m.start() for m in MARKER.finditer(text)}
+    return [f"{name}:{text.count(chr(10), 0, m.start()) + 1}: "
+            f"not a marker: {text[m.start():text.find('-->', m.start()) + 3]!r}"
+            for m in LOOKS_LIKE.finditer(text) if m.start() not in good]
+
+
+def _name(doc: Path) -> str:
+    return str(doc.relative_to(ROOT))
+
+
+def ledger() -> list[Marker]:
+    return [m for doc in DOCS for m in markers(doc.read_text(), _name(doc))]
+
+
+@cache
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), str(path))
+
+
+def problem(target: str) -> str | None:
+    """Why `target` names no check here, or None when it does."""
+    file, _, names = target.partition("::")
+    path = ROOT / file
+    if not path.is_file():
+        return f"{file} does not exist"
+    if not names:
+        return None
+    if not (file.startswith("tests/") and path.name.startswith("test_")):
+        return f"{file} is not a test module, so it has no test to name"
+    body = _tree(path).body
+    parts = names.split("::")
+    for i, name in enumerate(parts):
+        base = name.split("[")[0]  # a parametrised test's id names its base function
+        kinds = (ast.ClassDef,) if i < len(parts) - 1 else (ast.FunctionDef, ast.AsyncFunctionDef)
+        node = next((n for n in body if isinstance(n, kinds) and n.name == base), None)
+        if node is None:
+            return f"{file} has no {'class' if i < len(parts) - 1 else 'function'} {base}"
+        if not base.startswith("Test" if i < len(parts) - 1 else "test"):
+            return f"{file}::{base} is not a test pytest collects"
+        body = node.body
+    return None
+
+
+def figures_missing(sentence: str, rendered: str) -> list[str]:
+    """Numbers in `sentence` (code spans aside) that `rendered` does not hold as a number."""
+    held = set(NUMBER.findall(rendered))
+    return [n for n in NUMBER.findall(re.sub(r"`[^`]*`", "", sentence)) if n not in held]
+
+
+def problems(found: list[Marker]) -> list[str]:
+    out = []
+    for m in found:
+        if m.kind == "unchecked":
+            if len(m.text.split()) < 3:
+                out.append(f"{m.where()}: unchecked needs its reason in words: {m.text!r}")
+            continue
+        if not m.text:
+            out.append(f"{m.where()}: a claim marker names no check")
+        for target in m.text.replace(",", " ").split():
+            if why := problem(target):
+                out.append(f"{m.where()}: {target}: {why}")
+            elif target == BENCH_DOC and (
+                    missing := figures_missing(m.sentence, (ROOT / BENCH_DOC).read_text())):
+                out.append(f"{m.where()}: {', '.join(missing)} not in {BENCH_DOC}: "
+                           f"{m.sentence!r}")
+    return out
+
+
+def test_every_marker_names_a_check_that_exists(capsys):
+    found = ledger()
+    assert not (p := problems(found)), "\n".join(p)
+    claims = [m for m in found if m.kind == "claim"]
+    with capsys.disabled():
+        print(f"\nclaims ledger: {len(claims)} claims name their check, "
+              f"{len(found) - len(claims)} are marked unchecked")
+
+
+def test_every_marker_parses():
+    assert [p for doc in DOCS for p in malformed(doc.read_text(), _name(doc))] == []
+
+
+def test_a_marker_to_a_missing_check_is_reported():
+    # The ledger's own failure modes, on a document written here.
+    doc = (
+        "It retries. <!-- claim: tests/test_claims.py::test_every_marker_parses -->\n"
+        "It is encrypted. <!-- claim: tests/test_security.py::test_no_such_test -->\n"
+        "It scales. <!-- claim: benchmarks/gone.py -->\n"
+        "It runs a class. <!-- claim: tests/test_claims.py::TestNone::test_x -->\n"
+        "Helpers are no tests. <!-- claim: tests/test_claims.py::problem -->\n"
+        "Rebuilds take 11 s\nagainst 56 s (`python3.11`). <!-- claim: docs/benchmarks.md -->\n"
+        "Rebuilds take 17 s. <!-- claim: docs/benchmarks.md -->\n"
+        "Nobody knows. <!-- unchecked: no -->\n"
+        "Bad. <!-- claims: tests/test_claims.py -->\n"
+        "| 11 s | 0.20x | 12 |\n| a row | 16 s | <!-- claim: docs/benchmarks.md -->\n")
+    found = markers(doc, "doc.md")
+    assert found[5].sentence == "Rebuilds take 11 s against 56 s (`python3.11`)."
+    p = problems(found)
+    assert found[-1].sentence == "| a row | 16 s |"
+    assert [line.split(":")[1] for line in p] == ["2", "3", "4", "5", "8", "9", "12"], p
+    assert p[0].endswith("tests/test_security.py has no function test_no_such_test")
+    assert p[1].endswith("benchmarks/gone.py does not exist")
+    assert p[3].endswith("tests/test_claims.py::problem is not a test pytest collects")
+    assert "17 not in docs/benchmarks.md" in p[4]
+    assert malformed(doc, "doc.md") == [
+        "doc.md:10: not a marker: '<!-- claims: tests/test_claims.py -->'"]
+
+
+def test_benchmarks_doc_is_what_the_committed_results_render(monkeypatch):
+    if not RESULTS.exists():
+        pytest.skip(f"{RESULTS.relative_to(ROOT)} is not committed yet: the next "
+                    "`nox -s bench` writes it beside docs/benchmarks.md; commit both")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import json
+
+    run_all = importlib.import_module("run_all")
+    assert run_all.RESULTS == RESULTS
+    assert run_all.render(json.loads(RESULTS.read_text())) == (ROOT / BENCH_DOC).read_text()
+
+
+if __name__ == "__main__":
+    for m in ledger():
+        print(f"{m.where()}\t{m.kind}\t{m.text}")
