@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, needs_apptainer
+from conftest import ROOT, needs_apptainer, tiny_sif
 
 from parsl_aurora import image as img
 from parsl_aurora.errors import ConfigError, ImageError
@@ -244,6 +244,62 @@ def test_normalise_sif_rewrites_only_the_header(tmp_path):
     assert sif.read_bytes() == (GOLDEN / "sif_header.normalised.bin").read_bytes() + b"payload"
 
 
+def test_sif_objects_and_the_metadata_object_golden():
+    """The objects the golden header lists; apptainer's inspect metadata among them."""
+    head = (GOLDEN / "sif_header.bin").read_bytes()
+    assert img.sif_objects(head) == [(0x4001, "", 32176, 89),
+                                     (0x4006, "inspect-metadata.json", 32265, 1639),
+                                     (0x4004, "", 36864, 4096)]
+    assert img.metadata_span(head) == (32265, 1639)
+    unused = bytearray(head)
+    unused[4096 + img.SIF_DESCRIPTOR_SIZE + img.SIF_DESCRIPTOR_USED_AT] = 0
+    assert img.metadata_span(bytes(unused)) is None
+    with pytest.raises(ImageError, match="cut short"):
+        img.sif_objects(head[:5000])
+
+
+# ------------------------------------------------ the driver checked without apptainer
+DRIVER_PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
+OTHER_PYTHON = "3.12" if DRIVER_PYTHON != "3.12" else "3.11"
+
+
+@pytest.fixture(scope="module")
+def data_labelled_sifs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SIFs made by apptainer whose labels name the driver's Parsl with the driver's
+    Python (`same`), with another Python (`other`), or nothing (`bare`)."""
+    labels = {"same": {img.LABEL_PARSL: PARSL, "parsl-aurora.python": DRIVER_PYTHON},
+              "other": {img.LABEL_PARSL: PARSL, "parsl-aurora.python": OTHER_PYTHON},
+              "bare": {}}
+    return {k: tiny_sif(tmp_path_factory.mktemp(k), v) for k, v in labels.items()}
+
+
+@needs_apptainer
+def test_driver_checked_from_the_sif_labels_without_apptainer(data_labelled_sifs, monkeypatch,
+                                                               tmp_path):
+    """A login node has no apptainer: the image's Parsl and Python come from the SIF file
+    itself, and an image of another Python is refused before anything is submitted."""
+    from parsl_aurora.container import check_image
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert shutil.which("apptainer") is None
+    check_image(str(data_labelled_sifs["same"]))
+    other = str(data_labelled_sifs["other"])
+    with pytest.raises(ConfigError) as refused:
+        check_image(other)
+    assert (refused.value.field, refused.value.value) == ("container", other)
+    assert (f"this driver's Python ({DRIVER_PYTHON}); it holds Python {OTHER_PYTHON}"
+            in refused.value.choices)
+    assert refused.value.fix.startswith(f"build the image with Python {DRIVER_PYTHON} ")
+    # Only an image whose labels do not tell needs running, so apptainer.
+    with pytest.raises(ImageError, match="no parsl-aurora.python and .* labels, so only "
+                                         "running it can tell.*apptainer is not on PATH"):
+        check_image(str(data_labelled_sifs["bare"]))
+    junk = tmp_path / "junk.sif"
+    junk.write_bytes(b"not a SIF\n" * 100)
+    with pytest.raises(ConfigError, match="container=.*junk.sif.*Fix: check the path"):
+        check_image(str(junk))
+
+
 # ---------------------------------------------------------------- pure: a user's own packages
 def test_extra_lock_path_and_date_checks():
     assert img.extra_lock_path(Path("/p/requirements.txt")) == Path("/p/requirements.lock")
@@ -437,10 +493,21 @@ def test_image_with_another_parsl_fails_at_once(built_image):
     found = image_versions(str(built_image))
     assert found == (PARSL, "3.11")
     assert mismatch(str(built_image), found, (PARSL, "3.11")) is None
-    assert "holds parsl 2025.1.13, but this workflow runs parsl 2024.12.2" in mismatch(
-        str(built_image), found, ("2024.12.2", "3.11"))
-    assert "holds Python 3.11, but this workflow runs Python 3.12" in mismatch(
-        str(built_image), found, (PARSL, "3.12"))
+    assert "Parsl (2024.12.2); it holds parsl 2025.1.13" in str(mismatch(
+        str(built_image), found, ("2024.12.2", "3.11")))
+    assert "Python (3.12); it holds Python 3.11" in str(mismatch(
+        str(built_image), found, (PARSL, "3.12")))
+
+
+@needs_apptainer
+def test_labels_read_from_the_sif_are_what_apptainer_inspect_shows(built_image, tmp_path):
+    assert img.sif_labels(built_image) == labels(built_image)
+    signed = tmp_path / "signed.sif"  # a signature adds objects; the metadata stays
+    shutil.copy(built_image, signed)
+    key = tmp_path / "k.pem"
+    run("openssl", "genrsa", "-out", str(key), "2048")
+    assert run("apptainer", "sign", "--key", str(key), str(signed)).returncode == 0
+    assert img.sif_labels(signed) == labels(signed) == labels(built_image)
 
 
 @needs_apptainer

@@ -455,6 +455,14 @@ SIF_DESCRIPTOR_SIZE = 585
 SIF_DESCRIPTOR_USED_AT = 4
 SIF_DESCRIPTOR_TIMES = (41, 49)
 SIF_DATATYPE_SIGNATURE = 0x4005
+# Apptainer's metadata object: the JSON `apptainer inspect --json` prints (labels included),
+# written at build time as a JSON.Generic object named inspect-metadata.json.
+SIF_DATATYPE_GENERIC_JSON = 0x4006
+SIF_METADATA_NAME = "inspect-metadata.json"
+# A descriptor's DataType, Used, ID, GroupID, LinkedID, Offset, Size (Go's rawDescriptor);
+# its Name, 128 bytes NUL-padded, is at 73.
+SIF_DESCRIPTOR_HEAD = struct.Struct("<i?IIIqq")
+SIF_DESCRIPTOR_NAME = slice(73, 201)
 # What the SIF library's deterministic mode writes (Apptainer >= 1.5 with SOURCE_DATE_EPOCH):
 # uuid.Nil and Go's time.Time{}, whose Unix() is this (0001-01-01T00:00:00Z).
 SIF_ZERO_TIME = -62135596800
@@ -497,7 +505,51 @@ def normalise_sif_header(head: bytes) -> bytes:
     return bytes(out)
 
 
+def sif_objects(head: bytes) -> list[tuple[int, str, int, int]]:
+    """(data type, name, offset, size) of every object a SIF's header lists as in use."""
+    size = sif_header_size(head)
+    if len(head) < size:
+        raise ImageError(f"SIF header cut short: {len(head)} of {size} bytes")
+    total, offset = (struct.unpack_from("<q", head, at)[0]
+                     for at in (SIF_DESCRIPTORS_TOTAL_AT, SIF_DESCRIPTORS_OFFSET_AT))
+    objects = []
+    for i in range(total):
+        d = offset + i * SIF_DESCRIPTOR_SIZE
+        datatype, used, _, _, _, at, length = SIF_DESCRIPTOR_HEAD.unpack_from(head, d)
+        if used:
+            name = head[d + SIF_DESCRIPTOR_NAME.start:d + SIF_DESCRIPTOR_NAME.stop]
+            objects.append((datatype, name.rstrip(b"\0").decode(errors="replace"), at, length))
+    return objects
+
+
+def metadata_span(head: bytes) -> tuple[int, int] | None:
+    """(offset, size) of apptainer's inspect metadata in a SIF, or None when it has none."""
+    for datatype, name, at, length in sif_objects(head):
+        if datatype == SIF_DATATYPE_GENERIC_JSON and name == SIF_METADATA_NAME:
+            return at, length
+    return None
+
+
 # ---------------------------------------------------------------- effects
+def sif_labels(path: Path) -> dict[str, str] | None:
+    """PATH's labels as `apptainer inspect --labels` shows them, read from the SIF file itself:
+    no apptainer needed (a login node has none). None when the image carries no metadata."""
+    with open(path, "rb") as f:
+        head = f.read(128)
+        size = sif_header_size(head)
+        head += f.read(size - len(head))
+        span = metadata_span(head)
+        if span is None:
+            return None
+        f.seek(span[0])
+        data = f.read(span[1])
+    try:
+        return labels_from_inspect(data.decode())  # the same JSON
+    except (UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise ImageError(f"{path}: its metadata object ({SIF_METADATA_NAME}) is not the JSON "
+                         f"apptainer writes ({e}). Fix: rebuild it with `make image`") from None
+
+
 def normalise_sif(path: Path) -> None:
     """Rewrite PATH's header in place with normalise_sif_header."""
     with open(path, "r+b") as f:
