@@ -123,7 +123,8 @@ def image_versions(image: str, wanted_parsl: str | None = None) -> tuple[str, st
 
     When the labels name another Parsl than `wanted_parsl`, that is answer enough.
     """
-    from parsl_aurora.image import apptainer, sif_labels
+    from parsl_aurora.image.build import apptainer
+    from parsl_aurora.image.sif import sif_labels
 
     try:
         labels = sif_labels(Path(image)) or {}
