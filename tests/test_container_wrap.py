@@ -103,7 +103,7 @@ def test_versions_must_match():
     python = mismatch("a.sif", ("2025.1.13", "3.11"), ("2025.1.13", "3.12"))
     assert (python.field, python.value) == ("container", "a.sif")
     assert "this driver's Python (3.12); it holds Python 3.11" in python.choices
-    assert python.fix.startswith("build the image with Python 3.12 (`make image` run from")
+    assert python.fix.startswith("make the driver's environment with Python 3.11 (a venv")
     assert "Fix: rebuild the image" in str(parsl)
 
 

@@ -181,8 +181,8 @@ CASES = [
     Case("container-other-python", "named an image of another Python",
          "parsl-aurora render local multi_job --set container=other.sif",
          "container='{dir}/other.sif' is not valid: expected an image holding this driver's "
-         "Python ({python}); it holds Python {other_python}", "Fix: build the image with "
-         "Python {python}", env=NO_APPTAINER, files={"other.sif": "@other_python"},
+         "Python ({python}); it holds Python {other_python}", "Fix: make the driver's "
+         "environment with Python {other_python}", env=NO_APPTAINER, files={"other.sif": "@other_python"},
          needs="apptainer"),
     Case("container-no-labels-no-apptainer", "named an image without version labels where "
          "apptainer is not on PATH", "parsl-aurora render local multi_job --set "

@@ -289,7 +289,8 @@ def test_driver_checked_from_the_sif_labels_without_apptainer(data_labelled_sifs
     assert (refused.value.field, refused.value.value) == ("container", other)
     assert (f"this driver's Python ({DRIVER_PYTHON}); it holds Python {OTHER_PYTHON}"
             in refused.value.choices)
-    assert refused.value.fix.startswith(f"build the image with Python {DRIVER_PYTHON} ")
+    assert refused.value.fix.startswith(f"make the driver's environment with Python "
+                                        f"{OTHER_PYTHON} ")
     # Only an image whose labels do not tell needs running, so apptainer.
     with pytest.raises(ImageError, match="no parsl-aurora.python and .* labels, so only "
                                          "running it can tell.*apptainer is not on PATH"):

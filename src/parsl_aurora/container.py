@@ -172,9 +172,9 @@ def mismatch(image: str, found: tuple[str, str], wanted: tuple[str, str]) -> Con
         return ConfigError("container", image, f"an image holding this driver's Python "
                            f"({wanted[1]}); it holds Python {found[1]}, and Parsl's "
                            "interchange refuses workers of another Python",
-                           f"build the image with Python {wanted[1]} (`make image` run from "
-                           f"the driver's environment), or make the driver's environment with "
-                           f"Python {found[1]}")
+                           f"make the driver's environment with Python {found[1]} (a venv of "
+                           f"that Python), or run the driver inside the image (`apptainer exec "
+                           f"{image} python workflow.py`)")
     return None
 
 
