@@ -8,7 +8,6 @@ import subprocess
 
 from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
 
-from parsl_aurora import container
 from parsl_aurora.container import (
     AURORA_STACK,
     HostStack,
@@ -99,23 +98,16 @@ def test_block_setup_binds_what_the_node_has(tmp_path):
 def test_versions_must_match():
     assert mismatch("a.sif", ("2025.1.13", "3.11"), ("2025.01.13", "3.11")) is None
     parsl = mismatch("a.sif", ("2024.12.2", "3.11"), ("2025.1.13", "3.11"))
-    assert "holds parsl 2024.12.2" in parsl and "runs parsl 2025.1.13" in parsl
+    assert (parsl.field, parsl.value) == ("container", "a.sif")
+    assert "this driver's Parsl (2025.1.13); it holds parsl 2024.12.2" in str(parsl)
     python = mismatch("a.sif", ("2025.1.13", "3.11"), ("2025.1.13", "3.12"))
-    assert "holds Python 3.11" in python and "runs Python 3.12" in python
-    assert "Fix: rebuild the image" in parsl and "Fix: rebuild the image" in python
+    assert (python.field, python.value) == ("container", "a.sif")
+    assert "this driver's Python (3.12); it holds Python 3.11" in python.choices
+    assert python.fix.startswith("make the driver's environment with Python 3.11 (a venv")
+    assert "Fix: rebuild the image" in str(parsl)
 
 
 def test_same_version():
     assert same_version("2025.01.13", "2025.1.13")
     assert not same_version("2025.1.13", "2024.12.2")
     assert not same_version("2025.1.13.dev0", "2025.1.13")
-
-
-def test_missing_apptainer_is_an_image_error_naming_the_fix(monkeypatch, tmp_path):
-    import pytest
-
-    from parsl_aurora.errors import ImageError
-
-    monkeypatch.setenv("PATH", str(tmp_path))  # a host without apptainer
-    with pytest.raises(ImageError, match="install-apptainer"):
-        container.image_versions("aurora.sif")

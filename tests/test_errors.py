@@ -26,8 +26,11 @@ BIN = Path(sys.executable).parent
 APPTAINER = shutil.which("apptainer")
 PARSL = version("parsl")
 OTHER_PARSL = "2024.12.2"
+PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
+OTHER_PYTHON = "3.12" if PYTHON != "3.12" else "3.11"
 # What the placeholders in the table read as in docs/errors.md.
-DOC_VALUES = {"dir": "$PWD", "parsl": PARSL, "bin": "$VENV/bin",
+DOC_VALUES = {"dir": "$PWD", "parsl": PARSL, "python": PYTHON, "other_python": OTHER_PYTHON,
+              "bin": "$VENV/bin",
               "registry": "127.0.0.1:5000/parsl-aurora/aurora",
               "dead": "127.0.0.1:5999/parsl-aurora/aurora"}
 PROGS = {"parsl-aurora": [str(BIN / "parsl-aurora")],
@@ -43,8 +46,9 @@ class Case:
     expect: str  # how the message starts, after "PROG: error: "
     fix: str     # the part of the message saying what to do
     env: dict = field(default_factory=dict)
-    # Made in the working folder first: text, or @other (a SIF holding another Parsl), @junk
-    # (bytes that are no SIF), @good_pub / @stranger_pub (the publisher's / a stranger's key).
+    # Made in the working folder first: text, or @other (a SIF holding another Parsl),
+    # @other_python (another Python), @bare (no version labels), @junk (bytes that are no SIF),
+    # @good_pub / @stranger_pub (the publisher's / a stranger's key).
     files: dict = field(default_factory=dict)
     needs: str = ""  # "apptainer" or "registry" (a loopback registry, apptainer too)
     # `pull` echoes each apptainer command it starts ("+ apptainer pull ..."): progress, kept
@@ -66,7 +70,7 @@ INSTALL_FIX = "Install it: `sudo bash .ci/install-apptainer` (Debian 12), or `mo
 VERIFY_FIX = "Fix: check --verify-key public.pem is the publisher's public key, or republish"
 RUN_FIX = ("Fix: run this in the folder the workflow ran in, or name the run, e.g. "
            "`parsl-aurora status path/to/runinfo/003`")
-NOT_A_SIF = "cannot read the Parsl version of image '{dir}/junk.sif': FATAL:"
+NOT_A_SIF = "container='{dir}/junk.sif' is not valid: expected a SIF image"
 
 CASES = [
     # ------------------------------------------------ the command line
@@ -167,14 +171,24 @@ CASES = [
          CONTAINER_FIX),
     Case("container-not-a-sif", "named a file that is no image",
          "parsl-aurora render local multi_job --set container=junk.sif", NOT_A_SIF,
-         "Fix: check the path, or rebuild it", files={"junk.sif": "@junk"}, needs="apptainer"),
+         "Fix: check the path, or rebuild it", files={"junk.sif": "@junk"}, env=NO_APPTAINER),
+    # Checked from the labels in the SIF file: no apptainer needed (a login node has none).
     Case("container-other-parsl", "named an image holding another Parsl",
          "parsl-aurora render local multi_job --set container=other.sif",
-         f"image '{{dir}}/other.sif' holds parsl {OTHER_PARSL}, but this workflow runs parsl "
-         "{parsl};", OTHER_FIX, files={"other.sif": "@other"}, needs="apptainer"),
-    Case("container-no-apptainer", "asked for an image where apptainer is not on PATH",
-         "parsl-aurora render local multi_job --set container=aurora.sif",
-         "apptainer is not on PATH.", INSTALL_FIX, env=NO_APPTAINER, files={"aurora.sif": ""}),
+         "container='{dir}/other.sif' is not valid: expected an image holding this driver's "
+         f"Parsl ({{parsl}}); it holds parsl {OTHER_PARSL}", OTHER_FIX, env=NO_APPTAINER,
+         files={"other.sif": "@other"}, needs="apptainer"),
+    Case("container-other-python", "named an image of another Python",
+         "parsl-aurora render local multi_job --set container=other.sif",
+         "container='{dir}/other.sif' is not valid: expected an image holding this driver's "
+         "Python ({python}); it holds Python {other_python}", "Fix: make the driver's "
+         "environment with Python {other_python}", env=NO_APPTAINER, files={"other.sif": "@other_python"},
+         needs="apptainer"),
+    Case("container-no-labels-no-apptainer", "named an image without version labels where "
+         "apptainer is not on PATH", "parsl-aurora render local multi_job --set "
+         "container=bare.sif", "image '{dir}/bare.sif' has no parsl-aurora.python and "
+         "org.parsl-project.parsl.version labels, so only running it can tell", INSTALL_FIX,
+         env=NO_APPTAINER, files={"bare.sif": "@bare"}, needs="apptainer"),
     # ------------------------------------------------ the example workflows
     Case("workflow-no-site", "ran a workflow without PARSL_SITE", "workflow.py",
          "site='' is not valid: expected aurora, local, pbs.", SITE_FIX),
@@ -189,7 +203,8 @@ CASES = [
          CONTAINER_FIX, env={"PARSL_SITE": "local", "PARSL_MODE": "multi_job",
                              "PARSL_CONTAINER": "nope.sif"}),
     Case("workflow-container-other-parsl", "set PARSL_CONTAINER to an image holding another "
-         "Parsl", "workflow.py", f"image '{{dir}}/other.sif' holds parsl {OTHER_PARSL}",
+         "Parsl", "workflow.py", "container='{dir}/other.sif' is not valid: expected an image "
+         f"holding this driver's Parsl ({{parsl}}); it holds parsl {OTHER_PARSL}",
          OTHER_FIX, env={"PARSL_SITE": "local", "PARSL_MODE": "multi_job",
                          "PARSL_CONTAINER": "other.sif"},
          files={"other.sif": "@other"}, needs="apptainer"),
@@ -205,7 +220,7 @@ CASES = [
     Case("mpi-workflow-container-not-a-sif", "set PARSL_CONTAINER to a file that is no image",
          "mpi_workflow.py", NOT_A_SIF, "Fix: check the path, or rebuild it",
          env={"PARSL_SITE": "local", "PARSL_CONTAINER": "junk.sif"},
-         files={"junk.sif": "@junk"}, needs="apptainer"),
+         files={"junk.sif": "@junk"}),
     # ------------------------------------------------ inspecting and pulling images
     Case("inspect-missing", "inspected an image that is not there", "parsl-aurora inspect nope.sif",
          "nope.sif does not exist;", "build it (`nox -s image`) or pull it (`parsl-aurora pull "
@@ -346,6 +361,19 @@ def other_image(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def other_python_image(tmp_path_factory) -> Path:
+    """A tiny SIF whose labels say it holds this Parsl on another Python."""
+    return tiny_sif(tmp_path_factory.mktemp("other-python-image"), {
+        "org.parsl-project.parsl.version": PARSL, "parsl-aurora.python": OTHER_PYTHON})
+
+
+@pytest.fixture(scope="session")
+def bare_image(tmp_path_factory) -> Path:
+    """A tiny SIF with none of our labels (an image built elsewhere)."""
+    return tiny_sif(tmp_path_factory.mktemp("bare-image"), {})
+
+
+@pytest.fixture(scope="session")
 def registry(tmp_path_factory, other_image, data_keys):
     """A loopback registry with tags `good` (signed), `unsigned` and `altered` (overwritten
     after publishing), and the publisher's and a stranger's public keys."""
@@ -399,6 +427,8 @@ def test_bad_input_is_one_line_and_submits_nothing(case, tmp_path, request):
         path.parent.mkdir(parents=True, exist_ok=True)
         if text == "@other":
             shutil.copyfile(request.getfixturevalue("other_image"), path)
+        elif text in ("@other_python", "@bare"):
+            shutil.copyfile(request.getfixturevalue(f"{text[1:]}_image"), path)
         elif text == "@junk":
             path.write_bytes(b"not a SIF image\n" * 256)
         elif text.startswith("@"):

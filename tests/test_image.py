@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, needs_apptainer
+from conftest import ROOT, needs_apptainer, tiny_sif
 
-from parsl_aurora import image as img
 from parsl_aurora.errors import ConfigError, ImageError
-from parsl_aurora.image import parsl_pin
+from parsl_aurora.image import build, inputs, lock, sif
+from parsl_aurora.image.lock import parsl_pin
 
 PARSL = parsl_pin((ROOT / "pyproject.toml").read_text())
 
@@ -40,11 +40,11 @@ def test_parsl_pin_and_lock_inputs_come_from_pyproject():
     assert parsl_pin(PYPROJECT) == "2025.1.13"
     # The image carries the monitoring extra (the driver may run in it) and pip, used from its
     # wheel to install, not the test tools.
-    assert img.requirements_in(PYPROJECT).splitlines()[-4:] == [
+    assert lock.requirements_in(PYPROJECT).splitlines()[-4:] == [
         "parsl==2025.1.13", "rich>=13", "parsl[monitoring]", "pip"]
-    assert img.default_requirements(PYPROJECT) == "parsl==2025.1.13\nrich>=13\n"
-    assert img.exclude_newer("2025.1.13") == "2025-01-14"
-    assert img.exclude_newer("2024.12.31") == "2025-01-01"
+    assert lock.default_requirements(PYPROJECT) == "parsl==2025.1.13\nrich>=13\n"
+    assert lock.exclude_newer("2025.1.13") == "2025-01-14"
+    assert lock.exclude_newer("2024.12.31") == "2025-01-01"
 
 
 def test_parsl_pin_missing_says_where_to_put_it():
@@ -54,23 +54,23 @@ def test_parsl_pin_missing_says_where_to_put_it():
 
 def test_checked_in_requirements_in_matches_pyproject():
     text = (ROOT / "pyproject.toml").read_text()
-    assert (ROOT / img.REQUIREMENTS_IN).read_text() == img.requirements_in(text), \
+    assert (ROOT / lock.REQUIREMENTS_IN).read_text() == lock.requirements_in(text), \
         "container/requirements.in is stale: run `nox -s lock`"
 
 
 def test_lock_commands_golden():
-    conf = img.parse_pip_config("global.index-url='https://idx.example/simple'\n"
+    conf = lock.parse_pip_config("global.index-url='https://idx.example/simple'\n"
                                 "global.extra-index-url='file:///opt/local https://more.example'\n"
                                 ":env:.find-links='/opt/wheels'\n")
-    index = img.uv_index_args(conf)
+    index = lock.uv_index_args(conf)
     common = ["uv", "pip", "compile", "--quiet", "--no-header", "--exclude-newer", "2025-01-14",
               "--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28",
               "--index-url", "https://idx.example/simple", "--extra-index-url",
               "https://more.example"]
-    assert img.lock_command("uv", "2025.1.13", index) == [
+    assert lock.lock_command("uv", "2025.1.13", index) == [
         *common, "--generate-hashes", "container/requirements.in", "-o",
         "container/requirements.lock"]
-    assert img.default_set_command("uv", "2025.1.13", "c.txt", "d.in", index) == [
+    assert lock.default_set_command("uv", "2025.1.13", "c.txt", "d.in", index) == [
         *common, "--no-annotate", "-c", "c.txt", "d.in"]
 
 
@@ -92,25 +92,25 @@ SQLAlchemy==2.0.37 \\
 
 
 def test_lock_layout_splits_the_lock_three_ways():
-    text = img.with_layout(LOCK_TEXT, {"sqlalchemy", "greenlet"}, {"pip"})
+    text = lock.with_layout(LOCK_TEXT, {"sqlalchemy", "greenlet"}, {"pip"})
     assert text.splitlines()[0] == "# image layout: monitoring=greenlet,sqlalchemy build=pip"
-    assert img.with_layout(text, {"greenlet"}, {"pip"}).count("# image layout:") == 1
-    assert img.split_lock(text) == {
+    assert lock.with_layout(text, {"greenlet"}, {"pip"}).count("# image layout:") == 1
+    assert lock.split_lock(text) == {
         "default": "parsl==2025.1.13 \\\n    --hash=sha256:bb \\\n    --hash=sha256:cc\n"
                    "    # via -r container/requirements.in\n",
         "monitoring": "greenlet==3.1.1 \\\n    --hash=sha256:aa\n    # via sqlalchemy\n"
                       "SQLAlchemy==2.0.37 \\\n    --hash=sha256:ee\n    # via parsl\n",
         "build": "pip==24.3.1 \\\n    --hash=sha256:dd\n    # via -r container/requirements.in\n",
     }
-    assert img.constraints_text(text) == (
+    assert lock.constraints_text(text) == (
         "greenlet==3.1.1\nparsl==2025.1.13\npip==24.3.1\nsqlalchemy==2.0.37\n")
     with pytest.raises(ImageError, match="no `# image layout:` line.*nox -s lock"):
-        img.split_lock(LOCK_TEXT)
+        lock.split_lock(LOCK_TEXT)
 
 
 def test_checked_in_lock_keeps_sqlalchemy_off_the_default_path():
-    parts = img.split_lock((ROOT / img.LOCK).read_text())
-    names = {k: set(img.lock_entries(v)) for k, v in parts.items()}
+    parts = lock.split_lock((ROOT / lock.LOCK).read_text())
+    names = {k: set(lock.lock_entries(v)) for k, v in parts.items()}
     assert "parsl" in names["default"] and "sqlalchemy" in names["monitoring"]
     assert names["build"] == {"pip"}
     assert not names["default"] & {"sqlalchemy", "greenlet"}
@@ -119,31 +119,31 @@ def test_checked_in_lock_keeps_sqlalchemy_off_the_default_path():
 def test_apt_mirror_prefers_deb822_and_skips_security():
     deb822 = ("Types: deb\nURIs: http://sec.example/debian-security\nSuites: bookworm-security\n\n"
               "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm\n")
-    assert img.apt_mirror([deb822]) == "http://mirror.example/debian"
-    assert img.apt_mirror([], "deb [arch=amd64] http://one.example/debian bookworm main\n") \
+    assert inputs.apt_mirror([deb822]) == "http://mirror.example/debian"
+    assert inputs.apt_mirror([], "deb [arch=amd64] http://one.example/debian bookworm main\n") \
         == "http://one.example/debian"
     with pytest.raises(ImageError, match="sources.list"):
-        img.apt_mirror([], "")
+        inputs.apt_mirror([], "")
 
 
 def test_docker_base_needs_a_digest():
-    assert img.base_for("docker", "sha256:" + "a" * 64) == "debian@sha256:" + "a" * 64
+    assert inputs.base_for("docker", "sha256:" + "a" * 64) == "debian@sha256:" + "a" * 64
     with pytest.raises(ImageError, match="--base-digest"):
-        img.base_for("docker", None)
+        inputs.base_for("docker", None)
 
 
 def test_the_pinned_base_is_the_default_where_debootstrap_cannot_work():
     """Aurora's SLES has neither debootstrap nor a Debian mirror: the pinned docker base."""
-    assert img.default_bootstrap(None, have_debootstrap=True, have_mirror=True) == "debootstrap"
-    assert img.default_bootstrap(None, have_debootstrap=False, have_mirror=False) == "docker"
-    assert img.default_bootstrap(None, have_debootstrap=True, have_mirror=False) == "docker"
-    assert img.default_bootstrap("sha256:" + "b" * 64, True, True) == "docker"
-    assert img.base_for("docker", img.BASE_DIGEST) == f"debian@{img.BASE_DIGEST}"
-    assert len(img.BASE_DIGEST) == len("sha256:") + 64
+    assert inputs.default_bootstrap(None, have_debootstrap=True, have_mirror=True) == "debootstrap"
+    assert inputs.default_bootstrap(None, have_debootstrap=False, have_mirror=False) == "docker"
+    assert inputs.default_bootstrap(None, have_debootstrap=True, have_mirror=False) == "docker"
+    assert inputs.default_bootstrap("sha256:" + "b" * 64, True, True) == "docker"
+    assert inputs.base_for("docker", inputs.BASE_DIGEST) == f"debian@{inputs.BASE_DIGEST}"
+    assert len(inputs.BASE_DIGEST) == len("sha256:") + 64
 
 
 def test_build_args_make_the_labels():
-    args = img.build_args(base_sif=".image-cache/base-k.sif", pyproject_text=PYPROJECT,
+    args = inputs.build_args(base_sif=".image-cache/base-k.sif", pyproject_text=PYPROJECT,
                           lock_text=b"x", git_commit="abc", source_date_epoch=1736812800,
                           stamp="s")
     assert args == {
@@ -153,38 +153,38 @@ def test_build_args_make_the_labels():
         "LOCK_SHA256": "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881",
         "STAMP": "s", "SOURCE_DATE_EPOCH": "1736812800", "BUILD_DATE": "2025-01-14T00:00:00Z",
         "LABEL_SCHEMA_DATE": "Tuesday_14_January_2025_00:00:00_UTC"}
-    assert img.base_build_args(bootstrap="debootstrap", base="debian:12-slim",
+    assert inputs.base_build_args(bootstrap="debootstrap", base="debian:12-slim",
                                mirror="http://m/debian", key="k",
                                source_date_epoch=1736812800) == {
         "BOOTSTRAP": "debootstrap", "FROM": "debian:12-slim", "MIRROR": "http://m/debian",
         "WHEELHOUSE": ".wheelhouse/base", "BASE_KEY": "k", "SOURCE_DATE_EPOCH": "1736812800",
         "LABEL_SCHEMA_DATE": "Tuesday_14_January_2025_00:00:00_UTC"}
-    assert img.build_options({"A": "1", "B": "x y"}) == [
+    assert inputs.build_options({"A": "1", "B": "x y"}) == [
         "--fakeroot", "--force", "--mksquashfs-args",
         "-comp gzip -Xcompression-level 6 -all-root", "--build-arg", "A=1", "--build-arg",
         "B=x y"]
 
 
 def test_base_key_covers_each_input_and_names_a_relative_path():
-    key = img.base_key(b"def", b"lock", ["debootstrap", "1"])
-    assert {img.base_key(b"def2", b"lock", ["debootstrap", "1"]),
-            img.base_key(b"def", b"lock2", ["debootstrap", "1"]),
-            img.base_key(b"def", b"lock", ["docker", "1"]),
-            img.base_key(b"def", b"lock", ["debootstrap", "2"])} & {key} == set()
+    key = inputs.base_key(b"def", b"lock", ["debootstrap", "1"])
+    assert {inputs.base_key(b"def2", b"lock", ["debootstrap", "1"]),
+            inputs.base_key(b"def", b"lock2", ["debootstrap", "1"]),
+            inputs.base_key(b"def", b"lock", ["docker", "1"]),
+            inputs.base_key(b"def", b"lock", ["debootstrap", "2"])} & {key} == set()
     # no concatenation ambiguity between the parts
-    assert img.base_key(b"de", b"flock", ["x"]) != img.base_key(b"def", b"lock", ["x"])
-    assert img.base_path(key) == f".image-cache/base-{key[:24]}.sif"
+    assert inputs.base_key(b"de", b"flock", ["x"]) != inputs.base_key(b"def", b"lock", ["x"])
+    assert inputs.base_path(key) == f".image-cache/base-{key[:24]}.sif"
 
 
 def test_definitions_name_no_absolute_host_path():
     """Two checkouts in different folders must build the same bytes: every host path a
     definition reads is a build argument given relative to the checkout."""
-    for definition in (img.DEF, img.BASE_DEF, img.EXTRA_DEF):
+    for definition in (inputs.DEF, inputs.BASE_DEF, inputs.EXTRA_DEF):
         text = (ROOT / definition).read_text()
         files = text.split("%files", 1)[1].split("\n%", 1)[0]
         assert [ln.split()[0] for ln in files.splitlines()
                 if ln.strip() and not ln.strip().startswith("#")] == ["{{"], definition
-    args = img.build_args(base_sif=img.base_path("k" * 64), pyproject_text=PYPROJECT,
+    args = inputs.build_args(base_sif=inputs.base_path("k" * 64), pyproject_text=PYPROJECT,
                           lock_text=b"", git_commit="c", source_date_epoch=0, stamp="s")
     assert not args["BASE"].startswith("/") and not args["WHEELHOUSE"].startswith("/")
 
@@ -192,21 +192,21 @@ def test_definitions_name_no_absolute_host_path():
 def test_stamp_changes_with_sources_only(tmp_path):
     (tmp_path / "container" / "scripts").mkdir(parents=True)
     (tmp_path / "src" / "parsl_aurora").mkdir(parents=True)
-    for rel in (img.DEF, img.BASE_DEF, img.LOCK, "pyproject.toml", "src/parsl_aurora/a.py"):
+    for rel in (inputs.DEF, inputs.BASE_DEF, lock.LOCK, "pyproject.toml", "src/parsl_aurora/a.py"):
         (tmp_path / rel).write_text(rel)
-    first = img.stamp(tmp_path)
+    first = inputs.stamp(tmp_path)
     (tmp_path / "src" / "parsl_aurora" / "__pycache__").mkdir()
     (tmp_path / "src" / "parsl_aurora" / "__pycache__" / "a.pyc").write_bytes(b"junk")
-    assert img.stamp(tmp_path) == first
+    assert inputs.stamp(tmp_path) == first
     (tmp_path / "src" / "parsl_aurora" / "a.py").write_text("changed")
-    assert img.stamp(tmp_path) != first
-    (tmp_path / img.BASE_DEF).write_text("changed")
-    assert img.stamp(tmp_path, ["docker"]) != img.stamp(tmp_path)
+    assert inputs.stamp(tmp_path) != first
+    (tmp_path / inputs.BASE_DEF).write_text("changed")
+    assert inputs.stamp(tmp_path, ["docker"]) != inputs.stamp(tmp_path)
 
 
 def test_labels_from_inspect():
     text = '{"data": {"attributes": {"labels": {"k": "v"}}}, "type": "container"}'
-    assert img.labels_from_inspect(text) == {"k": "v"}
+    assert sif.labels_from_inspect(text) == {"k": "v"}
 
 
 # ---------------------------------------------------------------- pure: the SIF header
@@ -219,66 +219,123 @@ def test_normalise_sif_header_golden():
     the normalised one was checked with `apptainer sif header`, `sif list`, `inspect`, `exec`."""
     head = (GOLDEN / "sif_header.bin").read_bytes()
     want = (GOLDEN / "sif_header.normalised.bin").read_bytes()
-    assert img.sif_header_size(head) == len(head) == 32176
-    assert img.normalise_sif_header(head) == want
-    assert img.normalise_sif_header(want) == want
-    assert img.normalise_sif_header(head + b"data that follows") == want
+    assert sif.sif_header_size(head) == len(head) == 32176
+    assert sif.normalise_sif_header(head) == want
+    assert sif.normalise_sif_header(want) == want
+    assert sif.normalise_sif_header(head + b"data that follows") == want
 
 
 def test_normalise_sif_header_refuses_signed_images_and_non_sifs():
     head = bytearray((GOLDEN / "sif_header.bin").read_bytes())
-    signature = 4096 + 3 * img.SIF_DESCRIPTOR_SIZE  # the first free descriptor
+    signature = 4096 + 3 * sif.SIF_DESCRIPTOR_SIZE  # the first free descriptor
     head[signature:signature + 5] = (0x4005).to_bytes(4, "little") + b"\x01"
     with pytest.raises(ImageError, match="signed: normalise it before signing"):
-        img.normalise_sif_header(bytes(head))
+        sif.normalise_sif_header(bytes(head))
     with pytest.raises(ImageError, match="not a SIF image"):
-        img.normalise_sif_header(b"#!/bin/sh\n" + bytes(200))
+        sif.normalise_sif_header(b"#!/bin/sh\n" + bytes(200))
     with pytest.raises(ImageError, match="cut short"):
-        img.normalise_sif_header((GOLDEN / "sif_header.bin").read_bytes()[:5000])
+        sif.normalise_sif_header((GOLDEN / "sif_header.bin").read_bytes()[:5000])
 
 
 def test_normalise_sif_rewrites_only_the_header(tmp_path):
-    sif = tmp_path / "x.sif"
-    sif.write_bytes((GOLDEN / "sif_header.bin").read_bytes() + b"payload")
-    img.normalise_sif(sif)
-    assert sif.read_bytes() == (GOLDEN / "sif_header.normalised.bin").read_bytes() + b"payload"
+    path = tmp_path / "x.sif"
+    path.write_bytes((GOLDEN / "sif_header.bin").read_bytes() + b"payload")
+    sif.normalise_sif(path)
+    assert path.read_bytes() == (GOLDEN / "sif_header.normalised.bin").read_bytes() + b"payload"
+
+
+def test_sif_objects_and_the_metadata_object_golden():
+    """The objects the golden header lists; apptainer's inspect metadata among them."""
+    head = (GOLDEN / "sif_header.bin").read_bytes()
+    assert sif.sif_objects(head) == [(0x4001, "", 32176, 89),
+                                     (0x4006, "inspect-metadata.json", 32265, 1639),
+                                     (0x4004, "", 36864, 4096)]
+    assert sif.metadata_span(head) == (32265, 1639)
+    unused = bytearray(head)
+    unused[4096 + sif.SIF_DESCRIPTOR_SIZE + sif.SIF_DESCRIPTOR_USED_AT] = 0
+    assert sif.metadata_span(bytes(unused)) is None
+    with pytest.raises(ImageError, match="cut short"):
+        sif.sif_objects(head[:5000])
+
+
+# ------------------------------------------------ the driver checked without apptainer
+DRIVER_PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
+OTHER_PYTHON = "3.12" if DRIVER_PYTHON != "3.12" else "3.11"
+
+
+@pytest.fixture(scope="module")
+def data_labelled_sifs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SIFs made by apptainer whose labels name the driver's Parsl with the driver's
+    Python (`same`), with another Python (`other`), or nothing (`bare`)."""
+    labels = {"same": {inputs.LABEL_PARSL: PARSL, "parsl-aurora.python": DRIVER_PYTHON},
+              "other": {inputs.LABEL_PARSL: PARSL, "parsl-aurora.python": OTHER_PYTHON},
+              "bare": {}}
+    return {k: tiny_sif(tmp_path_factory.mktemp(k), v) for k, v in labels.items()}
+
+
+@needs_apptainer
+def test_driver_checked_from_the_sif_labels_without_apptainer(data_labelled_sifs, monkeypatch,
+                                                               tmp_path):
+    """A login node has no apptainer: the image's Parsl and Python come from the SIF file
+    itself, and an image of another Python is refused before anything is submitted."""
+    from parsl_aurora.container import check_image
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert shutil.which("apptainer") is None
+    check_image(str(data_labelled_sifs["same"]))
+    other = str(data_labelled_sifs["other"])
+    with pytest.raises(ConfigError) as refused:
+        check_image(other)
+    assert (refused.value.field, refused.value.value) == ("container", other)
+    assert (f"this driver's Python ({DRIVER_PYTHON}); it holds Python {OTHER_PYTHON}"
+            in refused.value.choices)
+    assert refused.value.fix.startswith(f"make the driver's environment with Python "
+                                        f"{OTHER_PYTHON} ")
+    # Only an image whose labels do not tell needs running, so apptainer.
+    with pytest.raises(ImageError, match="no parsl-aurora.python and .* labels, so only "
+                                         "running it can tell.*apptainer is not on PATH"):
+        check_image(str(data_labelled_sifs["bare"]))
+    junk = tmp_path / "junk.sif"
+    junk.write_bytes(b"not a SIF\n" * 100)
+    with pytest.raises(ConfigError, match="container=.*junk.sif.*Fix: check the path"):
+        check_image(str(junk))
 
 
 # ---------------------------------------------------------------- pure: a user's own packages
 def test_extra_lock_path_and_date_checks():
-    assert img.extra_lock_path(Path("/p/requirements.txt")) == Path("/p/requirements.lock")
+    assert lock.extra_lock_path(Path("/p/requirements.txt")) == Path("/p/requirements.lock")
     with pytest.raises(ConfigError, match="EXTRA='requirements.lock'.*the lock itself"):
-        img.extra_lock_path(Path("requirements.lock"))
-    assert img.check_date("2025-06-01", "2025-01-14") == "2025-06-01"
+        lock.extra_lock_path(Path("requirements.lock"))
+    assert lock.check_date("2025-06-01", "2025-01-14") == "2025-06-01"
     with pytest.raises(ConfigError, match="EXTRA_DATE='2025-13-01'.*YYYY-MM-DD"):
-        img.check_date("2025-13-01", "2025-01-14")
+        lock.check_date("2025-13-01", "2025-01-14")
     with pytest.raises(ConfigError, match="EXTRA_DATE='2024-06-01'.*2025-01-14 or later"):
-        img.check_date("2024-06-01", "2025-01-14")
+        lock.check_date("2024-06-01", "2025-01-14")
 
 
 def test_extra_lock_command_golden():
-    assert img.extra_lock_command("uv", "2025-06-01", "c.txt", "/p/req.txt", "/t/o.lock") == [
+    assert lock.extra_lock_command("uv", "2025-06-01", "c.txt", "/p/req.txt", "/t/o.lock") == [
         "uv", "pip", "compile", "--quiet", "--no-header", "--exclude-newer", "2025-06-01",
         "--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28",
         "--generate-hashes", "-c", "c.txt", "/p/req.txt", "-o", "/t/o.lock"]
 
 
 def test_extra_lock_keeps_only_what_the_image_lacks():
-    image_lock = img.with_layout(LOCK_TEXT, {"sqlalchemy", "greenlet"}, {"pip"})
+    image_lock = lock.with_layout(LOCK_TEXT, {"sqlalchemy", "greenlet"}, {"pip"})
     resolved = ("parsl==2025.1.13 \\\n    --hash=sha256:bb\n    # via -r req.txt\n"
                 "tabulate==0.9.0 \\\n    --hash=sha256:ff\n    # via -r req.txt\n")
-    text = img.extra_lock_text(resolved, image_lock, "tabulate\nparsl\n", "2025-06-01")
+    text = lock.extra_lock_text(resolved, image_lock, "tabulate\nparsl\n", "2025-06-01")
     head, body = text.split("\n", 1)
     assert head.startswith("# extra lock: input=") and head.endswith(
         " exclude-newer=2025-06-01")
-    assert img.lock_entries(body) == {
+    assert lock.lock_entries(body) == {
         "tabulate": "tabulate==0.9.0 \\\n    --hash=sha256:ff\n    # via -r req.txt\n"}
-    assert img.extra_lock_date(text) == "2025-06-01"
-    assert img.extra_lock_is_current(text, "tabulate\nparsl\n", image_lock, None)
-    assert img.extra_lock_is_current(text, "tabulate\nparsl\n", image_lock, "2025-06-01")
-    assert not img.extra_lock_is_current(text, "tabulate\n", image_lock, None)
-    assert not img.extra_lock_is_current(text, "tabulate\nparsl\n", image_lock + "#\n", None)
-    assert not img.extra_lock_is_current(text, "tabulate\nparsl\n", image_lock, "2025-07-01")
+    assert lock.extra_lock_date(text) == "2025-06-01"
+    assert lock.extra_lock_is_current(text, "tabulate\nparsl\n", image_lock, None)
+    assert lock.extra_lock_is_current(text, "tabulate\nparsl\n", image_lock, "2025-06-01")
+    assert not lock.extra_lock_is_current(text, "tabulate\n", image_lock, None)
+    assert not lock.extra_lock_is_current(text, "tabulate\nparsl\n", image_lock + "#\n", None)
+    assert not lock.extra_lock_is_current(text, "tabulate\nparsl\n", image_lock, "2025-07-01")
 
 
 # ---------------------------------------------------------------- the real image
@@ -328,17 +385,17 @@ def test_helpers_are_on_path_inside(built_image):
 @needs_apptainer
 def test_labels_record_versions_and_provenance(built_image):
     got = labels(built_image)
-    prov = img.provenance(ROOT)
+    prov = build.provenance(ROOT)
     assert got["org.parsl-project.parsl.version"] == PARSL
     assert got["parsl-aurora.python"] == "3.11"
     assert got["org.opencontainers.image.version"] == "0.1.0"
     assert got["org.opencontainers.image.revision"] == prov.commit
     assert got["parsl-aurora.source-date-epoch"] == str(prov.source_date_epoch)
-    assert got["org.opencontainers.image.created"] == img.iso_date(prov.source_date_epoch)
+    assert got["org.opencontainers.image.created"] == inputs.iso_date(prov.source_date_epoch)
     # apptainer 1.4 writes its build clock here unless the definition's label wins
-    assert got["org.label-schema.build-date"] == img.label_schema_date(prov.source_date_epoch)
+    assert got["org.label-schema.build-date"] == inputs.label_schema_date(prov.source_date_epoch)
     assert got["parsl-aurora.lock-sha256"] == hashlib.sha256(
-        (ROOT / img.LOCK).read_bytes()).hexdigest()
+        (ROOT / lock.LOCK).read_bytes()).hexdigest()
     assert got["parsl-aurora.base-bootstrap"] in ("debootstrap", "docker")
 
 
@@ -353,8 +410,8 @@ def test_header_is_normalised_and_apptainer_signs_verifies_and_runs_it(built_ima
     still reads, signs, verifies and runs the image."""
     with open(built_image, "rb") as f:
         head = f.read(40000)
-    size = img.sif_header_size(head)
-    assert img.normalise_sif_header(head[:size]) == head[:size], "header not normalised"
+    size = sif.sif_header_size(head)
+    assert sif.normalise_sif_header(head[:size]) == head[:size], "header not normalised"
     header = run("apptainer", "sif", "header", str(built_image))
     assert header.returncode == 0 and "Primary Architecture: amd64" in header.stdout, header
     key, pub = tmp_path / "k.pem", tmp_path / "k.pub.pem"
@@ -446,10 +503,21 @@ def test_image_with_another_parsl_fails_at_once(built_image):
     found = image_versions(str(built_image))
     assert found == (PARSL, "3.11")
     assert mismatch(str(built_image), found, (PARSL, "3.11")) is None
-    assert "holds parsl 2025.1.13, but this workflow runs parsl 2024.12.2" in mismatch(
-        str(built_image), found, ("2024.12.2", "3.11"))
-    assert "holds Python 3.11, but this workflow runs Python 3.12" in mismatch(
-        str(built_image), found, (PARSL, "3.12"))
+    assert "Parsl (2024.12.2); it holds parsl 2025.1.13" in str(mismatch(
+        str(built_image), found, ("2024.12.2", "3.11")))
+    assert "Python (3.12); it holds Python 3.11" in str(mismatch(
+        str(built_image), found, (PARSL, "3.12")))
+
+
+@needs_apptainer
+def test_labels_read_from_the_sif_are_what_apptainer_inspect_shows(built_image, tmp_path):
+    assert sif.sif_labels(built_image) == labels(built_image)
+    signed = tmp_path / "signed.sif"  # a signature adds objects; the metadata stays
+    shutil.copy(built_image, signed)
+    key = tmp_path / "k.pem"
+    run("openssl", "genrsa", "-out", str(key), "2048")
+    assert run("apptainer", "sign", "--key", str(key), str(signed)).returncode == 0
+    assert sif.sif_labels(signed) == labels(signed) == labels(built_image)
 
 
 @needs_apptainer
@@ -466,13 +534,13 @@ def test_own_packages_in_a_derived_image(built_image, tmp_path):
            "--extra-date", "2025-06-01", "--extra-image", str(derived))
     out = run(*cmd, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    lock = tmp_path / "requirements.lock"
-    entries = img.lock_entries(lock.read_text())
+    lock_file = tmp_path / "requirements.lock"
+    entries = lock.lock_entries(lock_file.read_text())
     assert list(entries) == ["tabulate"], entries  # nothing the image already pins
     assert entries["tabulate"].startswith("tabulate==0.9.0 ") and "--hash=sha256:" in \
         entries["tabulate"]
-    assert img.extra_lock_date(lock.read_text()) == "2025-06-01"
-    assert "/" not in lock.read_text().replace("# via -r requirements.txt", ""), \
+    assert lock.extra_lock_date(lock_file.read_text()) == "2025-06-01"
+    assert "/" not in lock_file.read_text().replace("# via -r requirements.txt", ""), \
         "the lock names a host folder: its sha256 would differ from one checkout to another"
 
     out = run("apptainer", "exec", str(derived), "python", "-c",
@@ -481,15 +549,15 @@ def test_own_packages_in_a_derived_image(built_image, tmp_path):
     out = run("apptainer", "test", str(derived))
     assert out.returncode == 0 and "parsl 2025.1.13" in out.stdout, out.stdout + out.stderr
     got = labels(derived)
-    assert got["parsl-aurora.extra-lock-sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+    assert got["parsl-aurora.extra-lock-sha256"] == hashlib.sha256(lock_file.read_bytes()).hexdigest()
     assert got["parsl-aurora.extra-exclude-newer"] == "2025-06-01"
     assert got["org.opencontainers.image.revision"] == labels(built_image)[
         "org.opencontainers.image.revision"]
 
-    before = (lock.stat().st_mtime_ns, derived.stat().st_mtime_ns)
+    before = (lock_file.stat().st_mtime_ns, derived.stat().st_mtime_ns)
     out = run(*cmd, cwd=ROOT)  # same inputs: the lock and the image are reused
     assert out.returncode == 0 and "is up to date" in out.stdout, out.stdout + out.stderr
-    assert (lock.stat().st_mtime_ns, derived.stat().st_mtime_ns) == before
+    assert (lock_file.stat().st_mtime_ns, derived.stat().st_mtime_ns) == before
 
 
 def test_build_without_apptainer_says_how_to_get_it(tmp_path):

@@ -6,9 +6,9 @@ import os
 import pytest
 from conftest import ROOT, needs_apptainer
 
-from parsl_aurora import image as img
 from parsl_aurora import reproducible as r
 from parsl_aurora.errors import ImageError
+from parsl_aurora.image import build, inputs
 
 SIF_LIST = """------------------------------------------------------------------------------
 ID   |GROUP   |LINK    |SIF POSITION (start-end)  |TYPE
@@ -59,7 +59,7 @@ def test_compare_reports_each_level():
 
 
 def test_against_needs_the_commit_the_image_was_built_from():
-    prov = img.Provenance("c" * 40, 1, 1)
+    prov = build.Provenance("c" * 40, 1, 1)
     labels = {"org.opencontainers.image.revision": "c" * 40,
               "parsl-aurora.base-bootstrap": "docker",
               "parsl-aurora.base-from": "debian@sha256:" + "d" * 64}
@@ -84,19 +84,19 @@ def test_a_clean_build_elsewhere_gives_the_same_bytes(built_image, tmp_path):
     it then rebuilds only the project layer on that base, so the match also shows that the
     cached-base path gives the same bytes as a cold build.
     """
-    prov = img.provenance(ROOT)
+    prov = build.provenance(ROOT)
     folder = tmp_path / "elsewhere"
-    img.copy_sources(ROOT, folder)
+    build.copy_sources(ROOT, folder)
     hello = folder / "src" / "parsl_aurora" / "hello.py"
     original = hello.read_text()
     hello.write_text(original + "\n# a code-only change\n")
-    changed = img.build(folder, folder / "aurora.sif", prov=prov)
+    changed = build.build(folder, folder / "aurora.sif", prov=prov)
     changed_sha = r.sha256_file(changed)
-    (base,) = (folder / img.CACHE).glob("base-*.sif")
+    (base,) = (folder / inputs.CACHE).glob("base-*.sif")
     base_before = (base.stat().st_mtime_ns, r.sha256_file(base))
 
     hello.write_text(original)
-    again = img.build(folder, folder / "aurora.sif", prov=prov)
+    again = build.build(folder, folder / "aurora.sif", prov=prov)
     assert (base.stat().st_mtime_ns, r.sha256_file(base)) == base_before, "base rebuilt"
     assert changed_sha != r.sha256_file(again), "the code change did not reach the image"
     assert r.sha256_file(again) == r.sha256_file(built_image), (

@@ -29,7 +29,7 @@ import zmq.auth
 from conftest import ROOT, needs_apptainer, no_leftovers
 
 import site_configs
-from parsl_aurora import image as img
+from parsl_aurora.image import build, inputs
 from parsl_aurora.modes import MODES
 from parsl_aurora.publish import publish, pull
 from site_configs import local
@@ -330,10 +330,10 @@ def test_install_image_sets_owner_only_write(tmp_path):
     dest.write_bytes(b"old")
     dest.chmod(0o666)
     with loose_umask():
-        img.install_image(src, dest)
+        build.install_image(src, dest)
     assert not src.exists()
     assert dest.read_bytes() == b"SIF"
-    assert _mode(dest) == img.IMAGE_MODE == 0o755
+    assert _mode(dest) == inputs.IMAGE_MODE == 0o755
 
 
 @needs_apptainer
@@ -356,7 +356,7 @@ def test_pulled_and_published_images_are_not_world_writable(request, tmp_path):
         _, sha = publish(image, registry, priv, tag="t1", insecure=True)
         assert _mode(image) == 0o664  # the owner's mode, less world-write
         assert pull(registry, "t1", pub, out=out, insecure=True) == sha
-    assert _mode(out) == img.IMAGE_MODE
+    assert _mode(out) == inputs.IMAGE_MODE
     # The signed sha256 (a side SIF) and the signing copy lived only in private temporary
     # folders, removed afterwards: nothing else is left beside either image.
     assert sorted(p.name for p in out_dir.iterdir()) == ["aurora.sif"]
@@ -484,7 +484,7 @@ def test_image_metadata_holds_no_credentials(image_tree, built_image):
 def test_build_copies_nothing_but_the_wheelhouse():
     """What a build can see of the host: each definition's %files (its wheelhouse only), no
     %setup (it would run on the host), no bind in the build options."""
-    for definition in (img.DEF, img.BASE_DEF, img.EXTRA_DEF):
+    for definition in (inputs.DEF, inputs.BASE_DEF, inputs.EXTRA_DEF):
         sections: dict[str, list[str]] = {}
         current = None
         for line in (ROOT / definition).read_text().splitlines():
@@ -496,10 +496,10 @@ def test_build_copies_nothing_but_the_wheelhouse():
         assert sections["%files"] == ["{{ WHEELHOUSE }} /opt/wheelhouse"], definition
         assert "%setup" not in sections, definition
         assert "rm -rf /opt/wheelhouse" in " ".join(sections["%post"]), definition
-    args = img.build_args(base_sif=img.base_path("0" * 64),
+    args = inputs.build_args(base_sif=inputs.base_path("0" * 64),
                           pyproject_text=(ROOT / "pyproject.toml").read_text(),
                           lock_text=b"", git_commit="c", source_date_epoch=0, stamp="s")
-    options = img.build_options(args)
+    options = inputs.build_options(args)
     assert not {"--bind", "-B", "--mount", "--writable-tmpfs"} & set(options)
     assert [o for o in options if o.startswith("--")] == (
         ["--fakeroot", "--force", "--mksquashfs-args"] + ["--build-arg"] * len(args))
@@ -507,7 +507,7 @@ def test_build_copies_nothing_but_the_wheelhouse():
 
 def test_project_sources_hold_no_key_files():
     """The project wheel is made from these (image.SOURCES): no key may sit among them."""
-    files = {Path(p) for pattern in img.SOURCES
+    files = {Path(p) for pattern in inputs.SOURCES
              for p in ROOT.glob(pattern) if Path(p).is_file()}
     assert files, "no sources found"
     hits = {str(p.relative_to(ROOT)): secrets_in(p.read_bytes(), p.name)
@@ -519,7 +519,7 @@ def test_project_sources_hold_no_key_files():
 def test_wheelhouse_holds_only_wheels_without_keys(built_image):
     """What %files copied into the last builds: locked wheels, the lock split by where each
     package goes, the project's wheel; no member of any wheel is a key."""
-    wheelhouse = ROOT / img.WHEELHOUSE
+    wheelhouse = ROOT / inputs.WHEELHOUSE
     copied = [p for layer in ("base", "project", "extra") for p in wheelhouse.glob(f"{layer}/*")]
     entries = sorted(p.relative_to(wheelhouse).as_posix() for p in copied)
     assert [e for e in entries if not e.endswith(".whl") and e not in (

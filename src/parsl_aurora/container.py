@@ -1,17 +1,18 @@
 """Run Parsl worker pools inside the Apptainer image, the way Globus Compute's container_* options do.
 
-Pure functions build the `apptainer exec` prefix and the wrapped HTEX launch_cmd; two helpers read an image's Parsl version.
+Pure functions build the `apptainer exec` prefix and the wrapped HTEX launch_cmd; the image's
+Parsl and Python are checked against the driver's from the labels in the SIF file.
 """
 
 from __future__ import annotations
 
-import json
 import shlex
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
-from parsl_aurora.errors import ImageError
+from parsl_aurora.errors import ConfigError, ImageError
 
 # Host paths a worker inside the image needs on Aurora ("src" or "src:dest"). The block script
 # binds those that exist on the compute node it runs on (see block_setup), not those that exist
@@ -105,7 +106,7 @@ def wrap_launch_cmd(launch_cmd: str, image: str, binds: Iterable[str] = (),
     return escape_braces(apptainer_prefix(image, binds, options), 2) + " " + launch_cmd
 
 
-# --- reading what an image holds (runs apptainer) -------------------------------------------
+# --- reading what an image holds: its labels, read from the SIF file (no apptainer) ----------
 PYTHON_LABEL = "parsl-aurora.python"
 PROBE = ("import sys, importlib.metadata as m; "
          "print(m.version('parsl'), '%d.%d' % sys.version_info[:2])")
@@ -116,27 +117,36 @@ def parsl_version_from_labels(labels: dict[str, str]) -> str | None:
 
 
 def image_versions(image: str, wanted_parsl: str | None = None) -> tuple[str, str]:
-    """(Parsl version, Python major.minor) inside `image`: from its labels, else by running it.
+    """(Parsl version, Python major.minor) inside `image`: from the labels in the SIF file
+    itself, so a login node without apptainer can check; only an image whose labels do not
+    tell is run (which needs apptainer).
 
     When the labels name another Parsl than `wanted_parsl`, that is answer enough.
     """
-    from parsl_aurora.image import apptainer
+    from parsl_aurora.image.build import apptainer
+    from parsl_aurora.image.sif import sif_labels
 
-    exe = apptainer()  # a missing runtime says how to install it, before any subprocess
-    inspect = subprocess.run([exe, "inspect", "--json", "--labels", image],
-                             capture_output=True, text=True, check=False)
-    labels = {}
-    if inspect.returncode == 0:
-        labels = json.loads(inspect.stdout)["data"]["attributes"].get("labels") or {}
+    try:
+        labels = sif_labels(Path(image)) or {}
+    except (ImageError, OSError) as e:
+        raise ConfigError("container", image, "a SIF image built by `make image` or fetched "
+                          "by `make pull`", f"check the path, or rebuild it. Reading it: {e}"
+                          ) from None
     parsl, python = parsl_version_from_labels(labels), labels.get(PYTHON_LABEL)
     if parsl and (python or (wanted_parsl and not same_version(parsl, wanted_parsl))):
         return parsl, python or "unknown"
+    try:
+        exe = apptainer()
+    except ImageError as e:
+        raise ImageError(f"image {image!r} has no {PYTHON_LABEL} and "
+                         f"{PARSL_LABELS[0]} labels, so only running it can tell which Python "
+                         f"and Parsl it holds. {e}") from None
     run = subprocess.run([exe, "exec", image, "python", "-c", PROBE],
                          capture_output=True, text=True, check=False)
     if run.returncode != 0:
         raise ImageError(f"cannot read the Parsl version of image {image!r}: "
-                         f"{(run.stderr or inspect.stderr).strip()}. Fix: check the path, or "
-                         "rebuild it with `make image`")
+                         f"{run.stderr.strip()}. Fix: check the path, or rebuild it with "
+                         "`make image`")
     parsl, python = run.stdout.split()
     return parsl, python
 
@@ -149,23 +159,27 @@ def same_version(a: str, b: str) -> bool:
     return key(a) == key(b)
 
 
-def mismatch(image: str, found: tuple[str, str], wanted: tuple[str, str]) -> str | None:
+def mismatch(image: str, found: tuple[str, str], wanted: tuple[str, str]) -> ConfigError | None:
     """Why workers in `image` (holding `found` = (Parsl, Python)) cannot serve a driver running
     `wanted`, or None when they can."""
-    fix = ("Fix: rebuild the image from this checkout (`make image`) or run the driver inside "
+    fix = ("rebuild the image from this checkout (`make image`) or run the driver inside "
            f"it (`apptainer exec {image} python workflow.py`)")
     if not same_version(found[0], wanted[0]):
-        return (f"image {image!r} holds parsl {found[0]}, but this workflow runs parsl "
-                f"{wanted[0]}; workers and the driver must run the same Parsl. {fix}")
+        return ConfigError("container", image, f"an image holding this driver's Parsl "
+                           f"({wanted[0]}); it holds parsl {found[0]}, and workers and the "
+                           "driver must run the same Parsl", fix)
     if found[1] != wanted[1]:
-        return (f"image {image!r} holds Python {found[1]}, but this workflow runs Python "
-                f"{wanted[1]}; Parsl's interchange refuses workers of another Python. {fix}, "
-                f"or make the driver's environment with Python {found[1]}")
+        return ConfigError("container", image, f"an image holding this driver's Python "
+                           f"({wanted[1]}); it holds Python {found[1]}, and Parsl's "
+                           "interchange refuses workers of another Python",
+                           f"make the driver's environment with Python {found[1]} (a venv of "
+                           f"that Python), or run the driver inside the image (`apptainer exec "
+                           f"{image} python workflow.py`)")
     return None
 
 
 def check_image(image: str) -> None:
-    """ImageError unless the image holds the driver's Parsl and Python major.minor: Parsl's
+    """ConfigError unless the image holds the driver's Parsl and Python major.minor: Parsl's
     interchange refuses other workers only after the queue wait."""
     import sys
     from importlib.metadata import version
@@ -173,4 +187,4 @@ def check_image(image: str) -> None:
     wanted = (version("parsl"), f"{sys.version_info[0]}.{sys.version_info[1]}")
     why = mismatch(image, image_versions(image, wanted[0]), wanted)
     if why:
-        raise ImageError(why)
+        raise why

@@ -20,18 +20,17 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from parsl_aurora.errors import ConfigError, ImageError, run_main
-from parsl_aurora.image import (
+from parsl_aurora.image.build import apptainer, install_image
+from parsl_aurora.image.inputs import (
     IMAGE,
     LABEL_EXTRA_DATE,
     LABEL_EXTRA_LOCK,
     LABEL_PARSL,
     LABEL_SDE,
     LABEL_STAMP,
-    apptainer,
-    install_image,
     iso_date,
-    labels_from_inspect,
 )
+from parsl_aurora.image.sif import labels_from_inspect
 
 # The published digest travels as a second, tiny SIF at TAG + DIGEST_SUFFIX: apptainer can only
 # push SIF files, and a SIF can carry a plain data object that is signed like any image.

@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from parsl_aurora import image as img
 from parsl_aurora.errors import ImageError, run_main
+from parsl_aurora.image import build, inputs
 from parsl_aurora.publish import sha256_file
 
 PACKAGES = ("import importlib.metadata as m; "
@@ -74,7 +74,7 @@ def describe(image: Path, work: Path) -> dict:
     packages = subprocess.run(["apptainer", "exec", str(image), "python", "-c", PACKAGES],
                               check=True, capture_output=True, text=True).stdout.split()
     return {"packages": packages, "manifest": manifest(tree), "squashfs": sha256_file(part),
-            "labels": img.image_labels(image), "sha256": sha256_file(image)}
+            "labels": build.image_labels(image), "sha256": sha256_file(image)}
 
 
 def compare(first: dict, second: dict) -> dict:
@@ -100,10 +100,10 @@ def verdict(result: dict) -> str:
                    for key, name in LEVELS)
 
 
-def check_against(labels: dict[str, str], prov: img.Provenance) -> tuple[str, str | None]:
+def check_against(labels: dict[str, str], prov: build.Provenance) -> tuple[str, str | None]:
     """The bootstrap and base digest to rebuild an image with, from its labels; an ImageError
     when this checkout is not the commit the image was built from."""
-    built_from = labels.get(img.LABEL_COMMIT, "(no revision label)")
+    built_from = labels.get(inputs.LABEL_COMMIT, "(no revision label)")
     if built_from != prov.commit:
         raise ImageError(f"the image was built from commit {built_from}, this checkout is at "
                          f"{prov.commit}. Fix: `git checkout {built_from}` (or `git worktree "
@@ -114,10 +114,10 @@ def check_against(labels: dict[str, str], prov: img.Provenance) -> tuple[str, st
     return bootstrap, digest
 
 
-def clean_build(root: Path, folder: Path, prov: img.Provenance, **build_kw) -> Path:
+def clean_build(root: Path, folder: Path, prov: build.Provenance, **build_kw) -> Path:
     """Build in FOLDER from a copy of what the build reads: no cached base, no wheelhouse."""
-    img.copy_sources(root, folder)
-    return img.build(folder, folder / img.IMAGE, prov=prov, **build_kw)
+    build.copy_sources(root, folder)
+    return build.build(folder, folder / inputs.IMAGE, prov=prov, **build_kw)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             images = list(args.images)
             if args.against is not None or not images:
-                root = img.find_root()
-                prov = img.provenance(root)
+                root = build.find_root()
+                prov = build.provenance(root)
                 if args.against is not None:
                     if not args.against.is_file():
                         raise ImageError(f"--against {args.against}: no such image")
-                    bootstrap, digest = check_against(img.image_labels(args.against), prov)
+                    bootstrap, digest = check_against(build.image_labels(args.against), prov)
                     images = [args.against.resolve(),
                               clean_build(root, tmp / "build", prov, bootstrap=bootstrap,
                                           base_digest=digest)]
