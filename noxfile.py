@@ -44,7 +44,7 @@ def bench(session: nox.Session) -> None:
     """Run the benchmarks and rewrite docs/benchmarks.md (-- --quick; -- --only scheduler)."""
     # Installed as users install it, without the monitoring extra (see pyproject.toml); pip
     # because the image build and the benchmarks' own venvs use it.
-    session.install("pip", ".[fake,image]", env=COMPILED)
+    session.install("pip", ".[fake,image,bench]", env=COMPILED)
     session.run("python", "benchmarks/run_all.py", *session.posargs)
 
 

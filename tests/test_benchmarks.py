@@ -2,6 +2,7 @@
 
 import importlib
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ def bench(monkeypatch):
     """The benchmark modules, imported from benchmarks/ as its scripts import each other."""
     monkeypatch.syspath_prepend(str(BENCH))
     return SimpleNamespace(**{m: importlib.import_module(m) for m in
-                              ("harness", "configs", "scheduler", "container", "run_all")})
+                              ("harness", "configs", "scheduler", "container", "run_all", "slowfs")})
 
 
 def test_quartiles_are_the_middle_half(bench):
@@ -193,3 +194,51 @@ def test_hand_tuned_htex_starts_twelve_workers_on_this_machine(bench):
     cpus = os.cpu_count()
     assert min(htex.max_workers_per_node, math.floor(cpus / htex.cores_per_worker)) == 12
     assert len(htex.available_accelerators) == 12 and htex.encrypted
+
+
+def _slowfs_counts(slowfs, store, mnt, files, latency_ms, cache=True, passes=1):
+    """Seconds to stat `files` through a fresh slowfs `passes` times over, and its counts."""
+    with slowfs.mounted(store, mnt, latency_ms, cache=cache) as m:
+        start = time.perf_counter()
+        for _ in range(passes):
+            for f in files:
+                (mnt / f).stat()
+        seconds = time.perf_counter() - start
+    return seconds, m
+
+
+@pytest.mark.needs("fuse")
+def test_slowfs_delays_each_metadata_operation_by_its_latency_and_counts_it(bench, tmp_path):
+    store, mnt, n, latency_ms = tmp_path / "store", tmp_path / "mnt", 30, 5.0
+    store.mkdir()
+    files = [f"f{i}" for i in range(n)]
+    for f in files:
+        (store / f).write_text(f)
+    # What a mount costs with no stat at all (the mount's own look at its root).
+    _, empty = _slowfs_counts(bench.slowfs, store, mnt, [], latency_ms)
+    seconds, m = _slowfs_counts(bench.slowfs, store, mnt, files, latency_ms, passes=2)
+    # The client caches as a Lustre client does: one lookup per new file, none the second time.
+    ops = m.metadata() - empty.metadata()
+    assert ops == n, m.counts
+    per_op = seconds / ops
+    # sleep() never wakes early; the passthrough in Python adds well under a millisecond an
+    # operation even on the loaded 2-core CI machine, so twice the latency is already absurd.
+    assert latency_ms / 1000 <= per_op < 2 * latency_ms / 1000, (per_op, m.counts)
+    # Without the cache every stat is a round trip again (a lookup and a getattr, and the
+    # parent's), each delayed alike.
+    seconds, m = _slowfs_counts(bench.slowfs, store, mnt, files, latency_ms, cache=False)
+    ops = m.metadata() - empty.metadata()
+    assert ops >= 2 * n and latency_ms / 1000 <= seconds / ops < 2 * latency_ms / 1000
+
+
+@pytest.mark.needs("fuse")
+def test_slowfs_drops_its_caches_between_mounts(bench, tmp_path):
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    store.mkdir()
+    (store / "data").write_bytes(b"x" * 100_000)
+    for _ in range(2):  # the second mount must see the reads and lookups again
+        with bench.slowfs.mounted(store, mnt, 0.0) as m:
+            for _ in range(3):
+                assert (mnt / "data").read_bytes() == b"x" * 100_000
+        assert m.counts["bytes"] == 100_000, m.counts  # pages kept within a mount
+        assert m.counts["getattr"] <= 3 and m.counts["open"] == 3, m.counts
