@@ -16,7 +16,7 @@ def bench(monkeypatch):
     """The benchmark modules, imported from benchmarks/ as its scripts import each other."""
     monkeypatch.syspath_prepend(str(BENCH))
     return SimpleNamespace(**{m: importlib.import_module(m) for m in
-                              ("harness", "configs", "scheduler", "container", "run_all", "slowfs")})
+                              ("harness", "configs", "scheduler", "container", "run_all", "slowfs", "model")})
 
 
 def test_quartiles_are_the_middle_half(bench):
@@ -242,3 +242,25 @@ def test_slowfs_drops_its_caches_between_mounts(bench, tmp_path):
                 assert (mnt / "data").read_bytes() == b"x" * 100_000
         assert m.counts["bytes"] == 100_000, m.counts  # pages kept within a mount
         assert m.counts["getattr"] <= 3 and m.counts["open"] == 3, m.counts
+
+
+def test_flare_model_fits_mpi4py_and_finds_where_the_image_wins(bench):
+    m = bench.model
+    i = m.Inputs(venv_ops=5000, mpi4py_ops=1000, mpi4py_one_node=1.0, image_ops=20,
+                 image_bytes=30e6, stage_ops=5, sif_bytes=60e6, venv_one_node=3.0,
+                 image_one_node=4.0, staged_one_node=3.5, latency_ms=1.0)
+    rate = m.mdt_rate(i.mpi4py_ops)
+    # The fit: 512 nodes of mpi4py's operations queue 100 s at the MDT (the node's own aside).
+    assert rate == 5120
+    assert m.startup(512, 0.0, 1000, 0, rate, 1) == pytest.approx(100 * 511 / 512)
+    assert m.bandwidth(1) == 650e9 / 160 and m.bandwidth(500) == 650e9
+    assert m.knee(1.0, 1000, rate) == pytest.approx(6.12)
+    rows = {r["nodes"]: r for r in m.table(i)}
+    assert rows[1] == pytest.approx({"nodes": 1, "venv": 3.0, "image": 4.0 + 30e6 / 4.0625e9,
+                                     "staged": 3.5 + 2 * 60e6 / 4.0625e9})
+    assert rows[8]["venv"] == pytest.approx(3.0 + 7 * 5000 / 5120)
+    assert rows[8]["image"] == pytest.approx(4.0 + 7 * 20 / 5120 + 8 * 30e6 / 4.0625e9)
+    # The venv falls behind the image between 1 and 8 nodes, by 10x between 32 and 128.
+    assert m.crossing(m.table(i), "image") == 8
+    assert m.crossing(m.table(i), "image", 10) == 128
+    assert "beats the venv from 8 nodes, by 10x from 128 nodes" in m.render(i)
