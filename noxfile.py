@@ -48,6 +48,14 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/run_all.py", *session.posargs)
 
 
+@nox.session(python=PYTHON, default=False)
+def sharedfs(session: nox.Session) -> None:
+    """Workers from a slow shared file system (root, FUSE, apptainer); rewrites docs/image.md."""
+    # About 10 minutes with the defaults (3 runs x 4 cases x 4 latencies); -- --runs 1 for less.
+    session.install("pip", ".[fake,image,bench]", env=COMPILED)
+    session.run("python", "benchmarks/sharedfs.py", *session.posargs)
+
+
 @nox.session(python=PYTHON, default=bool(shutil.which("apptainer")))
 def image(session: nox.Session) -> None:
     """Build aurora.sif with apptainer (base layer cached; -- --extra requirements.txt)."""
