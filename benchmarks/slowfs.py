@@ -106,12 +106,12 @@ def operations(store: str, latency: float, rate: float, stats: str):
                 "f_files", "f_flag", "f_frsize", "f_namemax")}
 
         def getxattr(self, path, name, position=0):
-            return self._call(os.getxattr, self._meta("getxattr", path), name,
-                              follow_symlinks=False)
+            full = self._meta("getxattr", path)
+            return self._call(lambda: os.getxattr(full, name, follow_symlinks=False))
 
         def listxattr(self, path):
-            return self._call(os.listxattr, self._meta("listxattr", path),
-                              follow_symlinks=False)
+            full = self._meta("listxattr", path)
+            return self._call(lambda: os.listxattr(full, follow_symlinks=False))
 
         def read(self, path, size, offset, fh):
             data = os.pread(fh, size, offset)

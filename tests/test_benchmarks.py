@@ -255,8 +255,11 @@ def test_flare_model_fits_mpi4py_and_finds_where_the_image_wins(bench):
     assert m.startup(512, 0.0, 1000, 0, rate, 1) == pytest.approx(100 * 511 / 512)
     assert m.bandwidth(1) == 650e9 / 160 and m.bandwidth(500) == 650e9
     assert m.knee(1.0, 1000, rate) == pytest.approx(6.12)
+    assert m.agreement(40, 32) == "the check holds (within a factor of 2: 1.25x)"
+    assert m.agreement(6.12, 32).startswith("the check fails: 5.2x earlier than published")
     rows = {r["nodes"]: r for r in m.table(i)}
     assert rows[1] == pytest.approx({"nodes": 1, "venv": 3.0, "image": 4.0 + 30e6 / 4.0625e9,
+                                     "striped": 4.0 + 30e6 / 650e9,
                                      "staged": 3.5 + 2 * 60e6 / 4.0625e9})
     assert rows[8]["venv"] == pytest.approx(3.0 + 7 * 5000 / 5120)
     assert rows[8]["image"] == pytest.approx(4.0 + 7 * 20 / 5120 + 8 * 30e6 / 4.0625e9)
