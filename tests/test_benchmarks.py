@@ -16,7 +16,8 @@ def bench(monkeypatch):
     """The benchmark modules, imported from benchmarks/ as its scripts import each other."""
     monkeypatch.syspath_prepend(str(BENCH))
     return SimpleNamespace(**{m: importlib.import_module(m) for m in
-                              ("harness", "configs", "scheduler", "container", "run_all", "slowfs", "model")})
+                              ("harness", "configs", "scheduler", "container", "run_all",
+                               "slowfs", "model", "sharedfs")})
 
 
 def test_quartiles_are_the_middle_half(bench):
@@ -267,3 +268,11 @@ def test_flare_model_fits_mpi4py_and_finds_where_the_image_wins(bench):
     assert m.crossing(m.table(i), "image") == 8
     assert m.crossing(m.table(i), "image", 10) == 128
     assert "beats the venv from 8 nodes, by 10x from 128 nodes" in m.render(i)
+
+
+def test_sharedfs_rewrites_only_its_section(bench, tmp_path):
+    s = bench.sharedfs
+    doc = tmp_path / "image.md"
+    doc.write_text(f"# Image\n\nbefore\n\n{s.BEGIN}\nold table\n{s.END}\n\nafter\n")
+    s.write_doc(f"{s.BEGIN}\nnew table\n{s.END}", doc)
+    assert doc.read_text() == f"# Image\n\nbefore\n\n{s.BEGIN}\nnew table\n{s.END}\n\nafter\n"
