@@ -44,8 +44,16 @@ def bench(session: nox.Session) -> None:
     """Run the benchmarks and rewrite docs/benchmarks.md (-- --quick; -- --only scheduler)."""
     # Installed as users install it, without the monitoring extra (see pyproject.toml); pip
     # because the image build and the benchmarks' own venvs use it.
-    session.install("pip", ".[fake,image]", env=COMPILED)
+    session.install("pip", ".[fake,image,bench]", env=COMPILED)
     session.run("python", "benchmarks/run_all.py", *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
+def sharedfs(session: nox.Session) -> None:
+    """Workers from a slow shared file system (root, FUSE, apptainer); rewrites docs/image.md."""
+    # About 10 minutes with the defaults (3 runs x 4 cases x 4 latencies); -- --runs 1 for less.
+    session.install("pip", ".[fake,image,bench]", env=COMPILED)
+    session.run("python", "benchmarks/sharedfs.py", *session.posargs)
 
 
 @nox.session(python=PYTHON, default=bool(shutil.which("apptainer")))

@@ -256,13 +256,13 @@ def locked_venv(parent: Path = WORK) -> Path:
                          str(ROOT / LOCK), pip_args=["--no-deps", *src]))
 
 
-def user_venv() -> Path:
+def user_venv(parent: Path = WORK) -> Path:
     """`pip install parsl-aurora[fake]` as a user does (no monitoring extra), held to the
     lock's versions, so it differs from the image only by what the image adds."""
     pins = WORK / f"lock-pins-{_lock_key()}.txt"
     WORK.mkdir(mode=0o755, parents=True, exist_ok=True)
     pins.write_text(lock_pins((ROOT / LOCK).read_text()))
-    return _project(venv(WORK / f"user-venv-{_lock_key()}", f"{ROOT}[fake]",
+    return _project(venv(parent / f"user-venv-{_lock_key()}", f"{ROOT}[fake]",
                          pip_args=["-c", str(pins)]))
 
 

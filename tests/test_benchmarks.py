@@ -2,6 +2,7 @@
 
 import importlib
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,8 @@ def bench(monkeypatch):
     """The benchmark modules, imported from benchmarks/ as its scripts import each other."""
     monkeypatch.syspath_prepend(str(BENCH))
     return SimpleNamespace(**{m: importlib.import_module(m) for m in
-                              ("harness", "configs", "scheduler", "container", "run_all")})
+                              ("harness", "configs", "scheduler", "container", "run_all",
+                               "slowfs", "model", "sharedfs")})
 
 
 def test_quartiles_are_the_middle_half(bench):
@@ -193,3 +195,84 @@ def test_hand_tuned_htex_starts_twelve_workers_on_this_machine(bench):
     cpus = os.cpu_count()
     assert min(htex.max_workers_per_node, math.floor(cpus / htex.cores_per_worker)) == 12
     assert len(htex.available_accelerators) == 12 and htex.encrypted
+
+
+def _slowfs_counts(slowfs, store, mnt, files, latency_ms, cache=True, passes=1):
+    """Seconds to stat `files` through a fresh slowfs `passes` times over, and its counts."""
+    with slowfs.mounted(store, mnt, latency_ms, cache=cache) as m:
+        start = time.perf_counter()
+        for _ in range(passes):
+            for f in files:
+                (mnt / f).stat()
+        seconds = time.perf_counter() - start
+    return seconds, m
+
+
+@pytest.mark.needs("fuse")
+def test_slowfs_delays_each_metadata_operation_by_its_latency_and_counts_it(bench, tmp_path):
+    store, mnt, n, latency_ms = tmp_path / "store", tmp_path / "mnt", 30, 5.0
+    store.mkdir()
+    files = [f"f{i}" for i in range(n)]
+    for f in files:
+        (store / f).write_text(f)
+    # What a mount costs with no stat at all (the mount's own look at its root).
+    _, empty = _slowfs_counts(bench.slowfs, store, mnt, [], latency_ms)
+    seconds, m = _slowfs_counts(bench.slowfs, store, mnt, files, latency_ms, passes=2)
+    # The client caches as a Lustre client does: one lookup per new file, none the second time.
+    ops = m.metadata() - empty.metadata()
+    assert ops == n, m.counts
+    per_op = seconds / ops
+    # sleep() never wakes early; the passthrough in Python adds well under a millisecond an
+    # operation even on the loaded 2-core CI machine, so twice the latency is already absurd.
+    assert latency_ms / 1000 <= per_op < 2 * latency_ms / 1000, (per_op, m.counts)
+    # Without the cache every stat is a round trip again (a lookup and a getattr, and the
+    # parent's), each delayed alike.
+    seconds, m = _slowfs_counts(bench.slowfs, store, mnt, files, latency_ms, cache=False)
+    ops = m.metadata() - empty.metadata()
+    assert ops >= 2 * n and latency_ms / 1000 <= seconds / ops < 2 * latency_ms / 1000
+
+
+@pytest.mark.needs("fuse")
+def test_slowfs_drops_its_caches_between_mounts(bench, tmp_path):
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    store.mkdir()
+    (store / "data").write_bytes(b"x" * 100_000)
+    for _ in range(2):  # the second mount must see the reads and lookups again
+        with bench.slowfs.mounted(store, mnt, 0.0) as m:
+            for _ in range(3):
+                assert (mnt / "data").read_bytes() == b"x" * 100_000
+        assert m.counts["bytes"] == 100_000, m.counts  # pages kept within a mount
+        assert m.counts["getattr"] <= 3 and m.counts["open"] == 3, m.counts
+
+
+def test_flare_model_fits_mpi4py_and_finds_where_the_image_wins(bench):
+    m = bench.model
+    i = m.Inputs(venv_ops=5000, mpi4py_ops=1000, mpi4py_one_node=1.0, image_ops=20,
+                 image_bytes=30e6, stage_ops=5, sif_bytes=60e6, venv_one_node=3.0,
+                 image_one_node=4.0, staged_one_node=3.5, latency_ms=1.0)
+    rate = m.mdt_rate(i.mpi4py_ops)
+    # The fit: 512 nodes of mpi4py's operations queue 100 s at the MDT (the node's own aside).
+    assert rate == 5120
+    assert m.startup(512, 0.0, 1000, 0, rate, 1) == pytest.approx(100 * 511 / 512)
+    assert m.bandwidth(1) == 650e9 / 160 and m.bandwidth(500) == 650e9
+    assert m.knee(1.0, 1000, rate) == pytest.approx(6.12)
+    assert m.agreement(40, 32) == "the check holds (within a factor of 2: 1.25x)"
+    assert m.agreement(6.12, 32).startswith("the check fails: 5.2x earlier than published")
+    rows = {r["nodes"]: r for r in m.table(i)}
+    assert rows[1] == pytest.approx({"nodes": 1, "venv": 3.0, "image": 4.0 + 30e6 / 4.0625e9,
+                                     "striped": 4.0 + 30e6 / 650e9,
+                                     "staged": 3.5 + 2 * 60e6 / 4.0625e9})
+    assert rows[8]["venv"] == pytest.approx(3.0 + 7 * 5000 / 5120)
+    assert rows[8]["image"] == pytest.approx(4.0 + 7 * 20 / 5120 + 8 * 30e6 / 4.0625e9)
+    # The venv falls behind the image between 1 and 8 nodes, by 10x between 32 and 128.
+    assert m.crossing(m.table(i), "image") == 8
+    assert m.crossing(m.table(i), "image", 10) == 128
+    assert "beats the venv from 8 nodes, by 10x from 128 nodes" in m.render(i)
+
+
+def test_sharedfs_rewrites_only_its_section(bench, tmp_path):
+    s = bench.sharedfs
+    doc = tmp_path / "image.md"
+    doc.write_text(f"# Image\n\nbefore\n\n{s.BEGIN}\nold table\n{s.END}\n\nafter\n")
+    s.write_doc(f"{s.BEGIN}\nnew table\n{s.END}", doc)
+    assert doc.read_text() == f"# Image\n\nbefore\n\n{s.BEGIN}\nnew table\n{s.END}\n\nafter\n"

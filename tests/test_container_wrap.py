@@ -15,6 +15,8 @@ from parsl_aurora.container import (
     block_setup,
     mismatch,
     same_version,
+    stage_command,
+    staged_path,
     wrap_launch_cmd,
 )
 
@@ -57,6 +59,82 @@ def test_literal_braces_in_paths_survive_both_formats():
                               ["/data/{x}:/data"])
     assert as_parsl_runs_it(wrapped) == (
         "apptainer exec --bind '/data/{x}:/data' '/lus/flare/{proj}/aurora.sif' " + WORKER)
+
+
+FLARE_SIF = "/lus/flare/projects/P/aurora.sif"
+
+
+def test_stage_image_golden():
+    """stage_image=: the node's copy is named by the image's path, size and time."""
+    staged = staged_path(FLARE_SIF, "/tmp/", 1000, 1736812800 * 10**9)
+    assert staged == "/tmp/aurora-7243e16cee8c.sif"
+    assert staged_path(FLARE_SIF, "/tmp", 1001, 1736812800 * 10**9) != staged
+    assert stage_command(FLARE_SIF, staged) == (
+        "{ [ -f /tmp/aurora-7243e16cee8c.sif ] || { mkdir -p /tmp && "
+        "cp /lus/flare/projects/P/aurora.sif /tmp/aurora-7243e16cee8c.sif.part.$$ && "
+        "mv -f /tmp/aurora-7243e16cee8c.sif.part.$$ /tmp/aurora-7243e16cee8c.sif; }; } &&")
+
+
+def test_staged_pool_command_as_parsl_runs_it(tmp_path):
+    """The pool's command with stage_image=: the copy, then the pool in the copy, through
+    Parsl's two formats; a config without stage_image keeps the command it had."""
+    import os
+
+    from parsl_aurora import modes
+
+    image = tmp_path / "aurora.sif"
+    image.write_bytes(b"x" * 1000)
+    os.utime(image, ns=(1736812800 * 10**9,) * 2)
+    staged = staged_path(str(image), "/tmp", 1000, 1736812800 * 10**9)
+    cmd = modes._in_image(DEFAULT_LAUNCH_CMD, str(image), "/tmp")
+    assert as_parsl_runs_it(cmd) == (stage_command(str(image), staged) + " apptainer exec "
+                                     + staged + " " + WORKER)
+    assert modes._in_image(DEFAULT_LAUNCH_CMD, str(image), None) == wrap_launch_cmd(
+        DEFAULT_LAUNCH_CMD, str(image))
+
+
+def test_stage_command_copies_once_per_node_and_again_when_rebuilt(tmp_path):
+    image, node = tmp_path / "shared" / "aurora.sif", tmp_path / "node-tmp"
+    image.parent.mkdir()
+    image.write_text("v1")
+    run = tmp_path / "ran"
+
+    def start_pool(gone: bool = False) -> str:
+        st = image.stat()
+        staged = staged_path(str(image), str(node), st.st_size, st.st_mtime_ns)
+        if gone:  # the shared file system is not read: the image may as well not be there
+            image.rename(tmp_path / "away")
+        subprocess.run(["bash", "-c", f"{stage_command(str(image), staged)} cat {staged} > {run}"],
+                       check=True)
+        if gone:
+            (tmp_path / "away").rename(image)
+        return staged
+
+    first = start_pool()
+    assert run.read_text() == "v1" and sorted(p.name for p in node.iterdir()) == [
+        first.rsplit("/", 1)[1]]  # no partial copy left behind
+    # The second pool on the node finds the copy and does not read the shared image again.
+    assert start_pool(gone=True) == first and run.read_text() == "v1"
+    image.write_text("v2, rebuilt")
+    second = start_pool()
+    assert second != first and run.read_text() == "v2, rebuilt"
+
+
+def test_stage_image_needs_an_image_and_an_absolute_folder(tmp_path):
+    import pytest
+
+    import site_configs
+    from parsl_aurora import modes
+    from parsl_aurora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stage_image='/tmp' is not valid: expected a "
+                                          r"node-local folder, with container="):
+        site_configs.load("local", "in_job", stage_image="/tmp")
+    (tmp_path / "a.sif").write_text("x")
+    with pytest.raises(ConfigError, match=r"stage_image='tmp' is not valid: expected an "
+                                          r"absolute node-local folder. Fix: pass "
+                                          r"stage_image='/tmp'"):
+        modes._in_image("cmd", str(tmp_path / "a.sif"), "tmp")
 
 
 def test_aurora_block_setup_golden():

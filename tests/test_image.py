@@ -497,6 +497,19 @@ def test_container_option_puts_host_driven_workers_in_the_image(built_image, tmp
 
 
 @needs_apptainer
+def test_stage_image_starts_the_pools_from_a_node_local_copy(built_image, tmp_path):
+    """stage_image=: the pool copies the image to the node's folder first and runs from it."""
+    node = tmp_path / "node-tmp"
+    script = WORKERS_IN_IMAGE.replace("container=sys.argv[1]",
+                                      "container=sys.argv[1], stage_image=sys.argv[2]")
+    out = run(sys.executable, "-c", script, str(built_image), str(node), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    copies = list(node.glob("aurora-*.sif"))
+    assert len(copies) == 1 and copies[0].stat().st_size == built_image.stat().st_size
+    assert out.stdout.strip() == str([(str(copies[0]), "/opt/aurora-env")])
+
+
+@needs_apptainer
 def test_image_with_another_parsl_fails_at_once(built_image):
     from parsl_aurora.container import image_versions, mismatch
 

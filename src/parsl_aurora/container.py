@@ -6,6 +6,7 @@ Parsl and Python are checked against the driver's from the labels in the SIF fil
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 import subprocess
 from collections.abc import Iterable
@@ -104,6 +105,25 @@ def wrap_launch_cmd(launch_cmd: str, image: str, binds: Iterable[str] = (),
     prefix's literal braces are quadrupled while the template's own fields stay as they are.
     """
     return escape_braces(apptainer_prefix(image, binds, options), 2) + " " + launch_cmd
+
+
+def staged_path(image: str, folder: str, size: int, mtime_ns: int) -> str:
+    """Where a node keeps its copy of `image` in `folder`: named by the image's path, size and
+    time, so a rebuilt image is copied afresh and an unchanged one reused."""
+    key = hashlib.sha256(f"{image}\0{size}\0{mtime_ns}".encode()).hexdigest()[:12]
+    name = image.rsplit("/", 1)[-1].removesuffix(".sif")
+    return f"{folder.rstrip('/')}/{name}-{key}.sif"
+
+
+def stage_command(image: str, staged: str) -> str:
+    """Shell words, ready to prepend to a pool's command, that copy `image` to node-local
+    `staged` unless it is there: one read of the shared file system per node instead of
+    squashfuse's reads for every pool. The copy lands under a temporary name first, so a pool
+    never starts from half an image."""
+    q, part = shlex.quote, shlex.quote(staged + ".part") + ".$$"
+    folder = q(staged.rsplit("/", 1)[0] or "/")
+    return (f"{{ [ -f {q(staged)} ] || {{ mkdir -p {folder} && cp {q(image)} {part} && "
+            f"mv -f {part} {q(staged)}; }}; }} &&")
 
 
 # --- reading what an image holds: its labels, read from the SIF file (no apptainer) ----------

@@ -274,7 +274,8 @@ class Block:
 
 def _block(site: Site, node: Node, mode: str, *, worker_init: str, run_dir: str,
            container: str | None, binds: tuple[str, ...], interface: str | None,
-           address: str | None, hierarchy: str | None, activate: bool) -> Block:
+           address: str | None, hierarchy: str | None, activate: bool,
+           stage_image: str | None = None) -> Block:
     """The block's shell lines and worker command: environment, folder, GPU hierarchy, image.
 
     In order: the driver's Python environment (or, for workers in an image, apptainer); the
@@ -319,10 +320,29 @@ def _block(site: Site, node: Node, mode: str, *, worker_init: str, run_dir: str,
         lines.append(ctr.block_setup(site.container_host, [str(run_path), str(here), *binds]))
     command = f"{GUARD} {DEFAULT_LAUNCH_CMD}"
     if image:
-        command = ctr.wrap_launch_cmd(command, image)
+        command = _in_image(command, image, stage_image)
+    elif stage_image is not None:
+        raise ConfigError("stage_image", stage_image, "a node-local folder, with container=",
+                          "pass container= the image to stage, or drop stage_image")
     # Literal braces would meet Parsl's two rounds of str.format: quadruple them.
     cd = ctr.escape_braces(f"cd {shlex.quote(str(here))} && ", 2)
     return Block("\n".join(s for s in lines if s), cd + command, address, hierarchy)
+
+
+def _in_image(command: str, image: str, stage_image: str | None) -> str:
+    """The pool's command in `image`, or (stage_image=) in each node's copy of it, made by the
+    first pool on the node: one read of the SIF from the shared file system per node."""
+    from parsl_aurora import container as ctr
+
+    if stage_image is None:
+        return ctr.wrap_launch_cmd(command, image)
+    if not isinstance(stage_image, str) or not stage_image.startswith("/"):
+        raise ConfigError("stage_image", stage_image, "an absolute node-local folder",
+                          "pass stage_image='/tmp' (each Aurora node's own disk)")
+    st = Path(image).stat()
+    staged = ctr.staged_path(image, stage_image, st.st_size, st.st_mtime_ns)
+    return (ctr.escape_braces(ctr.stage_command(image, staged), 2) + " "
+            + ctr.wrap_launch_cmd(command, staged))
 
 
 def _scheduler_options(filesystems: str, extra: str) -> str:
@@ -499,7 +519,7 @@ def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
               encrypted: bool = True, resume: bool = False, monitoring: bool = False,
               interface: str | None = None, address: str | None = None,
               hierarchy: str | None = None, activate: bool = True,
-              allow_unlisted_queue: bool = False):
+              allow_unlisted_queue: bool = False, stage_image: str | None = None):
     """Many PBS jobs, one worker pool per node, one worker per GPU tile."""
     check_account(account)
     drain = drain_period(walltime, drain_margin)
@@ -517,7 +537,7 @@ def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
         scheduler_options=scheduler_options, select_options=select_options,
         nodes_per_job=nodes_per_job, max_jobs=max_jobs, run_dir=run_dir,
         worker_init=worker_init, container=container, binds=binds, interface=interface,
-        address=address, hierarchy=hierarchy, activate=activate)
+        address=address, hierarchy=hierarchy, activate=activate, stage_image=stage_image)
     executor = _htex_tiles(site, node, provider, block, _robust(site, drain, encrypted, block))
     return _config(executor, retries=retries, run_dir=run_dir, resume=resume,
                    monitoring=monitoring)
@@ -533,7 +553,7 @@ def mpi_ensemble(site: Site, node: Node, *, account: str, nodes_per_task: int = 
                  resume: bool = False, monitoring: bool = False,
                  interface: str | None = None, address: str | None = None,
                  hierarchy: str | None = None, activate: bool = True,
-                 allow_unlisted_queue: bool = False):
+                 allow_unlisted_queue: bool = False, stage_image: str | None = None):
     """Ensembles of multi-node MPI tasks: each worker owns a slot of nodes_per_task nodes."""
     check_account(account)
     drain = drain_period(walltime, drain_margin)
@@ -566,7 +586,7 @@ def mpi_ensemble(site: Site, node: Node, *, account: str, nodes_per_task: int = 
         scheduler_options=scheduler_options, select_options=select_options,
         nodes_per_job=nodes_per_job, max_jobs=max_jobs, run_dir=run_dir,
         worker_init=worker_init, container=container, binds=binds, interface=interface,
-        address=address, hierarchy=hierarchy, activate=activate)
+        address=address, hierarchy=hierarchy, activate=activate, stage_image=stage_image)
     executor = MPIExecutor(
         label="mpi_tasks",
         max_workers_per_block=nodes_per_job // nodes_per_task,
@@ -627,7 +647,8 @@ def in_job(site: Site, node: Node, *, nodefile: str | None = None, worker_init: 
            retries: int = 1, run_dir: str = "runinfo", container: str | None = None,
            binds: tuple[str, ...] = (), encrypted: bool = True, resume: bool = False,
            monitoring: bool = False, interface: str | None = None,
-           address: str | None = None, hierarchy: str | None = None, activate: bool = True):
+           address: str | None = None, hierarchy: str | None = None, activate: bool = True,
+           stage_image: str | None = None):
     """Everything inside one PBS job: one worker pool per node of the job, started by mpiexec."""
     hosts = read_nodefile(nodefile)
     _retries(retries)
@@ -641,7 +662,7 @@ def in_job(site: Site, node: Node, *, nodefile: str | None = None, worker_init: 
             if s)
     block = _block(site, node, "in_job", worker_init=worker_init, run_dir=run_dir,
                    container=container, binds=binds, interface=interface, address=address,
-                   hierarchy=hierarchy, activate=activate)
+                   hierarchy=hierarchy, activate=activate, stage_image=stage_image)
     _prepare(site, run_dir)
     provider = LocalProvider(
         nodes_per_block=len(set(hosts)),
