@@ -263,8 +263,8 @@ def test_blocks_pbs_holds_are_deleted_and_three_in_a_row_end_the_run(cluster, re
 @pytest.mark.parametrize("answer,words", [
     ("route-rejected", ["`qsub: Job rejected by all possible destinations` (qsub exit 191)",
                         "Fix: ask for a node count and walltime one of the routing queue's"]),
-    ("dropped", ["3 blocks in a row were dropped by PBS without running",
-                 "PBS no longer knows it though it never ran"]),
+    ("dropped", ["PBS dropped job 90", "without running it",
+                 "the routing queue's destinations all rejected it", "Fix: ask for a node count"]),
 ])
 def test_a_route_no_destination_takes_ends_the_run_in_one_line(fake, request, answer, words):
     """Rejected by every destination of a routing queue: at qsub (exit 191), or after qsub

@@ -46,9 +46,10 @@ PERMANENT = {
          "(Aurora's prod: small 256-1024 nodes up to 12 h, medium 1025-1999 up to 18 h, large "
          "2000 and more up to 24 h)",
 }
-# A block PBS held (it failed to start too often) or dropped (qsub took it, and qstat no longer
-# knows it though it never ran: a routing queue's destinations rejected it after qsub returned):
-# deleted and replaced with the backoff; this many in a row end the run.
+# A block PBS held (it failed to start too often) is deleted and replaced with the backoff; this
+# many in a row end the run. One PBS dropped (qsub took it, and qstat no longer knows it though
+# it never ran: a routing queue's destinations all rejected it after qsub returned) ends the run
+# at once, as qsub's own 191 does: the next block would be rejected the same way.
 LOST_IN_A_ROW = 3
 HELD = "held by PBS"
 DROPPED = "dropped by PBS"
@@ -201,7 +202,9 @@ class PBSProProvider(_ParslPBSProProvider):
         delay = self._back_off()
         logger.warning("job %s %s (%s); a new block in %.0f s", job_id,
                        HELD if kind == "held" else DROPPED, what, delay)
-        if self._lost_in_a_row >= LOST_IN_A_ROW and not self.fatal:
+        if kind == "dropped" and not self.fatal:  # every destination refused: permanent
+            self.fatal = f"PBS dropped job {job_id} without running it: {what}. Fix: {fix}"
+        elif self._lost_in_a_row >= LOST_IN_A_ROW and not self.fatal:
             self.fatal = (f"{self._lost_in_a_row} blocks in a row were {kind} by PBS without "
                           f"running; the last, job {job_id}: `{what}`. Fix: {fix}")
         paths = {"stdout_path": self.resources[job_id]["job_stdout_path"],
@@ -252,7 +255,7 @@ class PBSProProvider(_ParslPBSProProvider):
             if job is None and job_id not in self._ran:
                 self.resources[job_id]["status"] = self._lost(
                     job_id, "dropped", "qsub took it, and PBS no longer knows it though it "
-                    "never ran: a routing queue's destinations rejected it",
+                    "never ran: the routing queue's destinations all rejected it",
                     PERMANENT[191])
                 continue
             if job is None:  # gone from the history: it ended
