@@ -194,6 +194,39 @@ def check_queue(site: Site, queue: object, nodes: int, walltime: str, max_jobs: 
               file=sys.stderr)
 
 
+# Open files the interchange holds besides its pools' connections: 25 with none registered
+# (Parsl 2025.1.13, encrypted, measured here), doubled and rounded up for the monitoring hub's
+# radio and the sockets ZMQ opens while a burst of pools connects.
+INTERCHANGE_FILES = 100
+
+
+def open_file_limit() -> int | None:
+    """The hard RLIMIT_NOFILE the driver raises its soft limit to before the interchange starts
+    (executors.raise_open_file_limit), which the interchange inherits; None when unlimited."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return None if hard == resource.RLIM_INFINITY else hard
+
+
+def check_open_files(pools: int, field: str, value: object, limit: int | None = None) -> None:
+    """Refuse a request whose worker pools need more connections than one interchange may
+    open: two per pool, plus its own files. Past the limit Parsl 2025.1.13 loses the extra
+    pools silently; here the request stops before anything is submitted."""
+    limit = open_file_limit() if limit is None else limit
+    if limit is None:
+        return
+    most = (limit - INTERCHANGE_FILES) // 2
+    if pools > most:
+        raise ConfigError(field, value,
+                          f"at most {most} worker pools in all ({pools} asked for: one per "
+                          f"node, two connections each, and the interchange may open {limit} "
+                          "files, the driver's hard open-file limit)",
+                          "ask for fewer nodes, split them over two executors (the limit is "
+                          "per interchange), or raise the hard limit (`ulimit -Hn`) of the "
+                          "shell that starts the driver")
+
+
 def _boolean(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(name, value, "True or False", f"pass {name}=True or {name}=False")
@@ -491,6 +524,7 @@ def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
     _retries(retries)
     check_queue(site, queue, nodes_per_job, walltime, max_jobs,
                 _boolean("allow_unlisted_queue", allow_unlisted_queue))
+    check_open_files(nodes_per_job * max_jobs, "max_jobs", max_jobs)
     # Parsl is imported once the cheap checks pass: a refused request answers at once.
     from parsl.launchers import MpiExecLauncher
 
@@ -614,6 +648,7 @@ def in_job(site: Site, node: Node, *, nodefile: str | None = None, worker_init: 
            address: str | None = None, hierarchy: str | None = None, activate: bool = True):
     """Everything inside one PBS job: one worker pool per node of the job, started by mpiexec."""
     hosts = read_nodefile(nodefile)
+    check_open_files(len(set(hosts)), "nodefile", nodefile or os.environ.get("PBS_NODEFILE"))
     _retries(retries)
     from parsl.launchers import MpiExecLauncher
     from parsl.providers import LocalProvider

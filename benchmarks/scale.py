@@ -1,0 +1,334 @@
+"""The interchange at Aurora's scale: thousands of simulated worker pools against the real one.
+
+    python benchmarks/scale.py [--sizes 128,512,2048,4096,9000] [--split 10000] [--quick]
+    python benchmarks/scale.py --one bundle --managers 300 [--soft-limit 256]   # one run, JSON
+
+Each run is a fresh driver that `parsl.load`s a config (encryption on) whose LocalProvider blocks
+start `parsl_aurora.fake.managers`: a few hundred managers per process speaking the pinned
+Parsl's protocol, all of a block at once, as one mpiexec starts them. Writes docs/scale.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import harness
+
+DOC = harness.ROOT / "docs" / "scale.md"
+RESULTS = harness.WORK / "scale.json"
+SIZES = (128, 512, 2048, 4096, 9000)
+SPLIT = 10000  # as two executors of half each: the open-file limit is per interchange
+SETTINGS = ("bundle", "parsl")
+PER_PROCESS = 300  # simulated managers per process (one process per block)
+TASKS = 5000
+WORKERS = 12  # per manager: one per GPU tile, as the bundle runs Aurora's nodes
+BUSY = 0.95
+# Bounds on one run: what the managers, the interchange and the driver may hold in all, and
+# how long the run may take before it is stopped and reported as such.
+MEMORY = 8 * 2**30
+RUN_LIMIT = 600.0
+
+
+# ---------------------------------------------------------------- one run, in its own process
+def blocks(n: int, per: int = PER_PROCESS) -> tuple[int, int]:
+    """(blocks, managers per block) for n managers, at most `per` in a block, all equal."""
+    count = math.ceil(n / per)
+    while n % count:
+        count += 1
+    return count, n // count
+
+
+def sim_command(managers: int) -> str:
+    return f"{sys.executable} -m parsl_aurora.fake.managers --managers {managers}"
+
+
+def executors(setting: str, n: int, run_dir: str) -> list:
+    """The executors of one run: the bundle's (the local site's in_job config with Aurora's
+    heartbeat), Parsl's defaults, or the bundle's as two executors of n/2."""
+    from parsl.launchers import SimpleLauncher
+    from parsl.providers import LocalProvider
+
+    parts = 2 if setting == "split" else 1
+    count, per = blocks(n // parts)
+    out = []
+    for i in range(parts):
+        if setting == "parsl":
+            from parsl.executors import HighThroughputExecutor
+            from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
+
+            ex = HighThroughputExecutor(label="htex", address="127.0.0.1", encrypted=True,
+                                        max_workers_per_node=WORKERS,
+                                        launch_cmd=DEFAULT_LAUNCH_CMD)
+            init = ""
+        else:
+            from site_configs import aurora, local
+
+            ex = local.in_job(nodes=1, run_dir=run_dir).executors[0]
+            ex.label = f"htex_{i}"
+            ex.heartbeat_period, ex.heartbeat_threshold = aurora.SITE.heartbeat
+            init = ex.provider.worker_init
+        ex.launch_cmd = ex.launch_cmd.replace("process_worker_pool.py", sim_command(per), 1)
+        # Every block at once, on this machine: Parsl keeps the provider as `_provider`.
+        ex._provider = LocalProvider(init_blocks=count, min_blocks=0, max_blocks=count,
+                                     launcher=SimpleLauncher(), worker_init=init)
+        out.append(ex)
+    return out
+
+
+def config(setting: str, n: int, run_dir: str):
+    from parsl.config import Config
+
+    from parsl_aurora.modes import STRATEGY_PERIOD
+
+    extra = {} if setting == "parsl" else {"strategy_period": STRATEGY_PERIOD}
+    return Config(executors=executors(setting, n, run_dir), run_dir=run_dir, **extra)
+
+
+def noop() -> int:
+    return 1
+
+
+def sim_reports(run_dir: str) -> list[dict]:
+    """What each process of simulated pools last wrote (parsl_aurora.fake.managers.report)."""
+    return [json.loads(p.read_text()) for p in Path(run_dir).rglob("sim-*.json")]
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+class Watch:
+    """Stops the run (SIGKILL to this process group's Parsl children, then exit) when the
+    processes it started hold more than MEMORY or the run outlives RUN_LIMIT."""
+
+    def __init__(self, limit: float):
+        self.peak, self.limit = 0, limit
+        self.start = time.monotonic()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while True:
+            rss = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    rss += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, rss)
+            over = "memory" if rss > MEMORY else (
+                "time" if time.monotonic() - self.start > self.limit else "")
+            if over:
+                print(json.dumps({"aborted": over, "rss": rss}), flush=True)
+                for p in me.children(recursive=True):
+                    p.kill()
+                os._exit(3)
+            time.sleep(1)
+
+
+def one(setting: str, n: int, window: float, tasks: int, soft_limit: int | None,
+        limit: float = RUN_LIMIT) -> dict:
+    """Load, wait for every manager, watch heartbeats for `window` s, run no-op tasks."""
+    import psutil
+
+    if soft_limit:
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (soft_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    import parsl
+
+    watch = Watch(limit)
+    run_dir = str(Path("runinfo").resolve())
+    app = parsl.python_app(noop)
+    result: dict = {"setting": setting, "managers": n,
+                    "soft_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+    with parsl.load(config(setting, n, run_dir)) as dfk:
+        exs = [e for e in dfk.executors.values() if hasattr(e, "interchange_proc")]
+        ics = [psutil.Process(e.interchange_proc.pid) for e in exs]
+        start = time.monotonic()
+        connected = missed = 0
+        # Until every pool has registered or missed its probe, or none has for a threshold.
+        last_new, wait = start, max(e.heartbeat_threshold for e in exs)
+        while connected + missed < n and time.monotonic() - last_new < wait:
+            time.sleep(0.5)
+            now_connected = sum(e.connected_workers for e in exs) // WORKERS
+            missed = sum(r["states"].get("probe_missed", 0) for r in sim_reports(run_dir))
+            if now_connected > connected:
+                connected, last_new = now_connected, time.monotonic()
+        result["register_s"] = last_new - start if connected + missed == n else None
+        result["registered"] = connected
+        result["interchange_fds"] = [len(os.listdir(f"/proc/{p.pid}/fd")) for p in ics]
+        cpu0, t0 = sum(sum(p.cpu_times()[:2]) for p in ics), time.monotonic()
+        time.sleep(window)
+        result["ic_cpu_idle"] = (sum(sum(p.cpu_times()[:2]) for p in ics) - cpu0) / (
+            time.monotonic() - t0) if window else None
+        app().result()
+        cpu0, t0 = sum(sum(p.cpu_times()[:2]) for p in ics), time.monotonic()
+        futures = [app() for _ in range(tasks)]
+        for f in futures:
+            f.result()
+        elapsed = time.monotonic() - t0
+        result["tasks_per_s"] = tasks / elapsed
+        result["ic_cpu_tasks"] = (sum(sum(p.cpu_times()[:2]) for p in ics) - cpu0) / elapsed
+        result["still_registered"] = sum(e.connected_workers for e in exs) // WORKERS
+        reports = sim_reports(run_dir)
+    rtts = [r for rep in reports for r in rep["rtts"]]
+    states: dict[str, int] = {}
+    for rep in reports:
+        for k, v in rep["states"].items():
+            states[k] = states.get(k, 0) + v
+    result.update(
+        rtt_p50=percentile(rtts, 0.50), rtt_p99=percentile(rtts, 0.99), heartbeats=len(rtts),
+        states=states, lost=n - result["still_registered"],
+        probe_missed=states.get("probe_missed", 0), peak_rss=watch.peak,
+        heartbeat=[exs[0].heartbeat_period, exs[0].heartbeat_threshold],
+        shortest_task_s=BUSY * n * WORKERS / result["tasks_per_s"])
+    return result
+
+
+# ---------------------------------------------------------------- the series, and the page
+def run(setting: str, n: int, window: float, tasks: int, soft_limit: int | None = None,
+        limit: float = RUN_LIMIT) -> dict:
+    cmd = [sys.executable, __file__, "--one", setting, "--managers", str(n),
+           "--window", str(window), "--tasks", str(tasks), "--limit", str(limit)]
+    if soft_limit:
+        cmd += ["--soft-limit", str(soft_limit)]
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="scale-", ignore_cleanup_errors=True) as tmp:
+        r = subprocess.run(cmd, cwd=tmp, env=harness.python_env(), capture_output=True,
+                           text=True, timeout=limit + 120, check=False)
+    lines = r.stdout.strip().splitlines()
+    out = json.loads(lines[-1]) if lines else {"aborted": f"exit {r.returncode}"}
+    if r.returncode and "aborted" not in out:
+        out = {"aborted": f"exit {r.returncode}: {r.stderr.strip()[-300:]}"}
+    out.update(setting=setting, managers=n, load_before=load)
+    print(json.dumps(out), file=sys.stderr, flush=True)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    p.add_argument("--split", type=int, default=SPLIT, help="0: no two-executor run")
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--window", type=float, default=None,
+                   help="seconds of heartbeats watched (default: two periods)")
+    p.add_argument("--tasks", type=int, default=TASKS)
+    p.add_argument("--limit", type=float, default=RUN_LIMIT, help="seconds one run may take")
+    p.add_argument("--quick", action="store_true", help="128 and 512 only, short windows")
+    p.add_argument("--from-json", action="store_true", help="re-render docs/scale.md")
+    p.add_argument("--one", choices=(*SETTINGS, "split"), help=argparse.SUPPRESS)
+    p.add_argument("--managers", type=int, default=300, help=argparse.SUPPRESS)
+    p.add_argument("--soft-limit", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one:
+        window = 0.0 if a.window is None else a.window
+        print(json.dumps(one(a.one, a.managers, window, a.tasks, a.soft_limit, a.limit)))
+        return 0
+    if not a.from_json:
+        sizes = [128, 512] if a.quick else [int(s) for s in a.sizes.split(",")]
+        runs = []
+        started = dt.datetime.now(dt.timezone.utc)
+        for n in sizes:
+            for setting in a.settings.split(","):
+                period = 10 if setting == "bundle" else 30
+                window = a.window if a.window is not None else (5 if a.quick else 2 * period)
+                runs.append(run(setting, n, window, a.tasks, limit=a.limit))
+        if a.split and not a.quick:
+            runs.append(run("split", a.split, a.window or 20, a.tasks, limit=a.limit))
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps({"started": started.isoformat(timespec="minutes"),
+                                       "machine": harness.machine(),
+                                       "uptime": subprocess.run(["uptime"], capture_output=True,
+                                                                text=True, check=False
+                                                                ).stdout.strip(),
+                                       "runs": runs}, indent=1))
+    DOC.write_text(render(json.loads(RESULTS.read_text())))
+    print(DOC.read_text())
+    return 0
+
+
+def _f(x, fmt: str) -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def render(data: dict) -> str:
+    rows = []
+    for r in data["runs"]:
+        if "aborted" in r:
+            rows.append([f"{r['managers']:,}", r["setting"], f"stopped: {r['aborted']}",
+                         *["-"] * 8])
+            continue
+        rows.append([f"{r['managers']:,}", r["setting"] + (" (2 x half)" if r["setting"] ==
+                                                            "split" else ""),
+                     _f(r["register_s"], "{:.1f}") if r["register_s"] is not None else
+                     f"never ({r['registered']:,} registered)",
+                     f"{r['lost']:,} ({r['probe_missed']} to the probe)",
+                     _f(r["rtt_p50"] and r["rtt_p50"] * 1000, "{:.0f}") + " / "
+                     + _f(r["rtt_p99"] and r["rtt_p99"] * 1000, "{:.0f}"),
+                     _f(r["ic_cpu_idle"] and r["ic_cpu_idle"] * 100, "{:.0f}%"),
+                     _f(r["ic_cpu_tasks"] * 100, "{:.0f}%"),
+                     f"{r['tasks_per_s']:.0f}", f"{r['shortest_task_s']:.1f}",
+                     f"{r['peak_rss'] / 2**30:.1f}"])
+    table = harness.md_table(
+        ["managers", "settings", "all registered after (s)", "lost",
+         "heartbeat RTT p50 / p99 (ms)", "interchange CPU, heartbeats only", "interchange CPU, tasks", "no-op tasks/s",
+         f"shortest task keeping {BUSY:.0%} of workers busy (s)", "peak memory (GB)"], rows)
+    return TEMPLATE.format(table=table, **{k: data[k] for k in ("started", "machine", "uptime")},
+                           workers=WORKERS, busy=f"{BUSY:.0%}")
+
+
+TEMPLATE = """# The interchange at scale
+
+Written by `python benchmarks/scale.py` (`nox -s scale`) from its own measurements; do not edit
+by hand. Measured {started} on {machine}; `uptime` at the end: `{uptime}`.
+
+{table}
+
+How each run goes: a fresh driver `parsl.load`s a config with encryption on; its LocalProvider
+blocks each start one process of simulated worker pools (`parsl_aurora.fake.managers`, at most
+300 per process, all of a block at once, as one `mpiexec` starts a block's pools). Each
+simulated pool is a manager of Parsl 2025.1.13: Parsl's own address probe, CurveZMQ client
+context, registration and heartbeat messages, and tasks run through Parsl's `execute_task`;
+each says it has {workers} workers. **bundle**: the site configs' executor (the local site's
+`in_job`, with Aurora's heartbeat of 10 s and threshold 60 s, the bundle's open-file limit
+raised); **parsl**: Parsl's `HighThroughputExecutor` with its defaults (heartbeat 30 s,
+threshold 120 s; strategy every 5 s); **split**: the bundle's as two executors of half the
+pools each. Columns: time from `parsl.load` returning until the interchange counts every pool
+(the managers' processes start in that time); pools lost (registered ones missing at the end,
+and those whose address probe missed the interchange, #1666, which a real pool answers by
+exiting 5); heartbeat round trip as the pools see it (sent on the task channel, the
+interchange's answer received), over the whole run; the interchange's CPU (user + system, one
+core = 100%) over two heartbeat periods with no tasks, and while the tasks run; no-op
+`python_app` tasks per second, 5,000 from the driver, clocked after a warm-up task; the shortest
+task that keeps {busy} of the workers busy, derived as {busy} x workers / no-op rate (a task
+of that length is handed out as fast as workers free up), not measured; the peak memory of the
+driver, interchange and managers together.
+
+This machine is a pessimistic stand-in for an Aurora login node: 2 cores, shared with other
+work (the load above), and the simulated pools run on the same 2 cores as the interchange and
+the driver, where on Aurora they run on the compute nodes. The interchange's CPU share, the
+no-op rate and the shortest task are therefore lower bounds for a login node; the
+registration time here includes starting the pools' processes on these 2 cores. The
+open-file limit (hard 20,000 here) and the protocol's message counts are the same anywhere.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
