@@ -77,3 +77,25 @@ def test_a_request_past_the_drivers_hard_limit_is_refused_before_submit(tmp_path
     ok = subprocess.run([str(BIN / "parsl-aurora"), "render", *args], cwd=tmp_path,
                         capture_output=True, text=True, check=False)
     assert ok.returncode == 0, ok.stderr
+
+
+def _guarded(tmp_path: Path, script: str) -> tuple[int, int, str]:
+    """Run a stand-in for the pool under the guard: (exit status, starts, the guard's stderr)."""
+    r = subprocess.run([str(ROOT / "container" / "scripts" / "worker_pool_guard.sh"), "bash",
+                        "-c", f"echo start >> starts; {script}"], cwd=tmp_path,
+                       capture_output=True, text=True, check=False)
+    return r.returncode, len((tmp_path / "starts").read_text().splitlines()), r.stderr
+
+
+@pytest.mark.parametrize("script, status, starts", [
+    # Parsl 2025.1.13's pool exits 5 when its address probe missed (#1666): started again.
+    ('[ "$(wc -l < starts)" -ge 2 ] || exit 5', 0, 2),
+    ("exit 5", 5, 3),  # at most three starts, then the block fails as it would have
+    ("exit 7", 7, 1),  # any other failure is the block's failure, at once
+    ("exit 0", 0, 1),
+])
+def test_the_guard_starts_a_pool_again_when_its_address_probe_missed(
+        tmp_path, script, status, starts):
+    rc, started, err = _guarded(tmp_path, script)
+    assert (rc, started) == (status, starts)
+    assert err.count("probe missed") == starts - 1
