@@ -190,8 +190,16 @@ def check_queue(site: Site, queue: object, nodes: int, walltime: str, max_jobs: 
     if nodes > LARGEST_ADVISED_JOB:
         print(f"parsl-aurora: warning: nodes_per_job={nodes} is above the {LARGEST_ADVISED_JOB} "
               "nodes ALCF advises per job, and Parsl's HighThroughputExecutor is reported to "
-              "struggle beyond it on Aurora (Parsl #4149); consider more, smaller jobs",
-              file=sys.stderr)
+              "struggle beyond it on Aurora (Parsl #4149); consider more, smaller jobs: "
+              f"{smaller_jobs(nodes, max_jobs)}", file=sys.stderr)
+
+
+def smaller_jobs(nodes: int, max_jobs: int) -> str:
+    """The same nodes in all as jobs of at most LARGEST_ADVISED_JOB nodes, as options."""
+    split = math.ceil(nodes / LARGEST_ADVISED_JOB)
+    per = math.ceil(nodes / split)
+    return (f"nodes_per_job={per}, max_jobs={max_jobs * split} ({per * split * max_jobs} "
+            f"nodes in all, for {nodes * max_jobs})")
 
 
 # Open files the interchange holds besides its pools' connections: 25 with none registered
