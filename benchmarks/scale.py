@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -30,6 +31,8 @@ RESULTS = harness.WORK / "scale.json"
 SIZES = (128, 512, 2048, 4096, 9000)
 SPLIT = 10000  # as two executors of half each: the open-file limit is per interchange
 SETTINGS = ("bundle", "parsl")
+# Real pools (12 worker processes each) against simulated ones, on these 2 cores.
+CHECK = 4
 PER_PROCESS = 300  # simulated managers per process (one process per block)
 TASKS = 5000
 WORKERS = 12  # per manager: one per GPU tile, as the bundle runs Aurora's nodes
@@ -49,8 +52,18 @@ def blocks(n: int, per: int = PER_PROCESS) -> tuple[int, int]:
     return count, n // count
 
 
-def sim_command(managers: int) -> str:
-    return f"{sys.executable} -m parsl_aurora.fake.managers --managers {managers}"
+def sim_command(managers: int, guarded: bool) -> str:
+    """The simulated pools' command; under the bundle's guard a missed probe is probed again,
+    as often as the guard starts a pool."""
+    starts = guard_starts() if guarded else 1
+    return f"{sys.executable} -m parsl_aurora.fake.managers --managers {managers} --starts {starts}"
+
+
+def guard_starts() -> int:
+    from parsl_aurora.modes import GUARD
+
+    text = (harness.ROOT / "container" / "scripts" / GUARD).read_text()
+    return int(re.search(r"^STARTS=(\d+)$", text, re.MULTILINE).group(1))
 
 
 def executors(setting: str, n: int, run_dir: str) -> list:
@@ -60,7 +73,8 @@ def executors(setting: str, n: int, run_dir: str) -> list:
     from parsl.providers import LocalProvider
 
     parts = 2 if setting == "split" else 1
-    count, per = blocks(n // parts)
+    # real: Parsl's own worker pools, one per block, to check the simulated ones against.
+    count, per = (n, 1) if setting == "real" else blocks(n // parts)
     out = []
     for i in range(parts):
         if setting == "parsl":
@@ -70,7 +84,9 @@ def executors(setting: str, n: int, run_dir: str) -> list:
             ex = HighThroughputExecutor(label="htex", address="127.0.0.1", encrypted=True,
                                         max_workers_per_node=WORKERS,
                                         launch_cmd=DEFAULT_LAUNCH_CMD)
-            init = ""
+            # Parsl's default of one core per worker: pools that count an Aurora node's 208
+            # CPUs start all 12 (this machine's 2 would make it 2).
+            init = "export PARSL_CORES=208"
         else:
             from site_configs import aurora, local
 
@@ -78,9 +94,14 @@ def executors(setting: str, n: int, run_dir: str) -> list:
             ex.label = f"htex_{i}"
             ex.heartbeat_period, ex.heartbeat_threshold = aurora.SITE.heartbeat
             init = ex.provider.worker_init
-        ex.launch_cmd = ex.launch_cmd.replace("process_worker_pool.py", sim_command(per), 1)
+        if setting != "real":
+            from parsl_aurora.modes import GUARD
+
+            ex.launch_cmd = ex.launch_cmd.replace(
+                "process_worker_pool.py", sim_command(per, GUARD in ex.launch_cmd), 1)
         # Every block at once, on this machine: Parsl keeps the provider as `_provider`.
-        ex._provider = LocalProvider(init_blocks=count, min_blocks=0, max_blocks=count,
+        # min_blocks: an idle block is not scaled in while the run watches its heartbeats.
+        ex._provider = LocalProvider(init_blocks=count, min_blocks=count, max_blocks=count,
                                      launcher=SimpleLauncher(), worker_init=init)
         out.append(ex)
     return out
@@ -186,6 +207,7 @@ def one(setting: str, n: int, window: float, tasks: int, soft_limit: int | None,
         result["tasks_per_s"] = tasks / elapsed
         result["ic_cpu_tasks"] = (sum(sum(p.cpu_times()[:2]) for p in ics) - cpu0) / elapsed
         result["still_registered"] = sum(e.connected_workers for e in exs) // WORKERS
+        time.sleep(2)  # each process rewrites its report every second
         reports = sim_reports(run_dir)
     rtts = [r for rep in reports for r in rep["rtts"]]
     states: dict[str, int] = {}
@@ -195,7 +217,8 @@ def one(setting: str, n: int, window: float, tasks: int, soft_limit: int | None,
     result.update(
         rtt_p50=percentile(rtts, 0.50), rtt_p99=percentile(rtts, 0.99), heartbeats=len(rtts),
         states=states, lost=n - result["still_registered"],
-        probe_missed=states.get("probe_missed", 0), peak_rss=watch.peak,
+        probe_missed=states.get("probe_missed", 0), probe_misses=states.get("probe_misses", 0),
+        peak_rss=watch.peak,
         heartbeat=[exs[0].heartbeat_period, exs[0].heartbeat_threshold],
         shortest_task_s=BUSY * n * WORKERS / result["tasks_per_s"])
     return result
@@ -233,7 +256,11 @@ def main() -> int:
     p.add_argument("--limit", type=float, default=RUN_LIMIT, help="seconds one run may take")
     p.add_argument("--quick", action="store_true", help="128 and 512 only, short windows")
     p.add_argument("--from-json", action="store_true", help="re-render docs/scale.md")
-    p.add_argument("--one", choices=(*SETTINGS, "split"), help=argparse.SUPPRESS)
+    p.add_argument("--check", type=int, default=CHECK,
+                   help="pools in the simulated-against-real check (0: none)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the saved runs of other sizes and settings")
+    p.add_argument("--one", choices=(*SETTINGS, "split", "real"), help=argparse.SUPPRESS)
     p.add_argument("--managers", type=int, default=300, help=argparse.SUPPRESS)
     p.add_argument("--soft-limit", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -242,23 +269,29 @@ def main() -> int:
         print(json.dumps(one(a.one, a.managers, window, a.tasks, a.soft_limit, a.limit)))
         return 0
     if not a.from_json:
-        sizes = [128, 512] if a.quick else [int(s) for s in a.sizes.split(",")]
+        sizes = [128, 512] if a.quick else [int(s) for s in a.sizes.split(",") if s]
         runs = []
         started = dt.datetime.now(dt.timezone.utc)
         for n in sizes:
             for setting in a.settings.split(","):
                 period = 10 if setting == "bundle" else 30
-                window = a.window if a.window is not None else (5 if a.quick else 2 * period)
+                window = a.window if a.window is not None else (period + 2 if a.quick else 2 * period)
                 runs.append(run(setting, n, window, a.tasks, limit=a.limit))
         if a.split and not a.quick:
             runs.append(run("split", a.split, a.window or 20, a.tasks, limit=a.limit))
+        for setting in ("real", "bundle") if a.check else ():
+            runs.append(run(setting, a.check, a.window or 20, 1000, limit=a.limit)
+                        | {"check": True})
+        saved = json.loads(RESULTS.read_text())["runs"] if a.merge and RESULTS.exists() else []
+        keys = {(r["setting"], r["managers"], r.get("check", False)) for r in runs}
+        runs = [r for r in saved if (r["setting"], r["managers"], r.get("check", False))
+                not in keys] + runs
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False)
         RESULTS.write_text(json.dumps({"started": started.isoformat(timespec="minutes"),
                                        "machine": harness.machine(),
-                                       "uptime": subprocess.run(["uptime"], capture_output=True,
-                                                                text=True, check=False
-                                                                ).stdout.strip(),
-                                       "runs": runs}, indent=1))
+                                       "uptime": uptime.stdout.strip(), "runs": runs},
+                                      indent=1))
     DOC.write_text(render(json.loads(RESULTS.read_text())))
     print(DOC.read_text())
     return 0

@@ -44,6 +44,7 @@ class Sim:
         self.last_beat = self.last_contact = 0.0
         self.beat_sent: float | None = None
         self.registered_at: float | None = None
+        self.misses = 0  # address probes that missed the interchange
 
     def connect(self, ctx, task_url: str, result_url: str) -> None:
         """As Manager.__init__ and pull_tasks: two DEALERs named by the uid, then register."""
@@ -90,6 +91,9 @@ def worker_count(a) -> int:
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--managers", type=int, required=True, help="managers in this process")
+    p.add_argument("--starts", type=int, default=1,
+                   help="probes a manager makes (worker_pool_guard.sh's STARTS when it runs "
+                        "under the guard, which starts a pool again after a missed probe)")
     p.add_argument("-a", "--addresses", required=True)
     p.add_argument("--task_port", required=True)
     p.add_argument("--result_port", required=True)
@@ -112,6 +116,7 @@ def report(path: Path, sims: list[Sim], rtts: list[float], tasks: int, started: 
     for s in sims:
         states[s.state] = states.get(s.state, 0) + 1
     registered = [s.registered_at - started for s in sims if s.registered_at is not None]
+    states["probe_misses"] = sum(s.misses for s in sims)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"pid": os.getpid(), "managers": len(sims), "states": states,
                                "registered": len(registered),
@@ -145,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         for future in [f for f in probing if f.done()]:
             sim, address = probing.pop(future), future.result()
             if not address:
-                sim.close("probe_missed")
+                sim.misses += 1
+                if sim.misses < a.starts:  # as worker_pool_guard.sh starts the pool again
+                    probing[probes.submit(probe_addresses, a.addresses.split(","), a.task_port,
+                                          timeout=a.address_probe_timeout)] = sim
+                else:
+                    sim.close("probe_missed")
                 continue
             sim.connect(ctx, tcp_url(address, a.task_port), tcp_url(address, a.result_port))
             poller.register(sim.task_incoming, zmq.POLLIN)
