@@ -33,7 +33,11 @@ SPLIT = 10000  # as two executors of half each: the open-file limit is per inter
 SETTINGS = ("bundle", "parsl")
 # Real pools (12 worker processes each) against simulated ones, on these 2 cores.
 CHECK = 4
-PER_PROCESS = 300  # simulated managers per process (one process per block)
+PER_PROCESS = 300
+# Above this many pools they skip Parsl's address probe: thousands of probes at once, each a
+# ZMQ context with its own thread, overload these 2 cores far more than the interchange does
+# (load average 460 at 9,000), and what is measured is the interchange.
+PROBE_UP_TO = 512  # simulated managers per process (one process per block)
 TASKS = 5000
 WORKERS = 12  # per manager: one per GPU tile, as the bundle runs Aurora's nodes
 BUSY = 0.95
@@ -52,11 +56,12 @@ def blocks(n: int, per: int = PER_PROCESS) -> tuple[int, int]:
     return count, n // count
 
 
-def sim_command(managers: int, guarded: bool) -> str:
+def sim_command(managers: int, guarded: bool, probe: bool) -> str:
     """The simulated pools' command; under the bundle's guard a missed probe is probed again,
     as often as the guard starts a pool."""
     starts = guard_starts() if guarded else 1
-    return f"{sys.executable} -m parsl_aurora.fake.managers --managers {managers} --starts {starts}"
+    return (f"{sys.executable} -m parsl_aurora.fake.managers --managers {managers} "
+            f"--starts {starts}" + ("" if probe else " --no-probe"))
 
 
 def guard_starts() -> int:
@@ -98,7 +103,8 @@ def executors(setting: str, n: int, run_dir: str) -> list:
             from parsl_aurora.modes import GUARD
 
             ex.launch_cmd = ex.launch_cmd.replace(
-                "process_worker_pool.py", sim_command(per, GUARD in ex.launch_cmd), 1)
+                "process_worker_pool.py",
+                sim_command(per, GUARD in ex.launch_cmd, n <= PROBE_UP_TO), 1)
         # Every block at once, on this machine: Parsl keeps the provider as `_provider`.
         # min_blocks: an idle block is not scaled in while the run watches its heartbeats.
         ex._provider = LocalProvider(init_blocks=count, min_blocks=count, max_blocks=count,

@@ -13,7 +13,7 @@ import os
 import pickle
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import zmq
@@ -27,6 +27,9 @@ from parsl.serialize import serialize
 
 # Parsl's Manager methods log to a module global that only its __main__ sets.
 pool.logger = logging.getLogger(__name__)
+# Probes at once in one process: each is a ZMQ context with its own I/O thread, and a missed
+# one holds its thread for the probe's timeout.
+PROBES = 16
 # How often each process rewrites its report (the bench reads it while the run goes on).
 REPORT_EVERY = 1.0
 
@@ -94,6 +97,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--starts", type=int, default=1,
                    help="probes a manager makes (worker_pool_guard.sh's STARTS when it runs "
                         "under the guard, which starts a pool again after a missed probe)")
+    p.add_argument("--no-probe", action="store_true",
+                   help="connect to the first address without Parsl's probe")
     p.add_argument("-a", "--addresses", required=True)
     p.add_argument("--task_port", required=True)
     p.add_argument("--result_port", required=True)
@@ -139,9 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     report(out, sims, rtts, 0, started)
     # Every manager of a block probes at once, as one mpiexec starts them; each probe is
     # Parsl's own, so its race (#1666) is kept: a missed probe is a pool that exits 5.
-    probes = ThreadPoolExecutor(max_workers=min(64, a.managers))
-    probing = {probes.submit(probe_addresses, a.addresses.split(","), a.task_port,
-                             timeout=a.address_probe_timeout): sim for sim in sims}
+    probes = ThreadPoolExecutor(max_workers=min(PROBES, a.managers))
+    if a.no_probe:
+        probing = {Future(): sim for sim in sims}
+        for future in probing:
+            future.set_result(a.addresses.split(",")[0])
+    else:
+        probing = {probes.submit(probe_addresses, a.addresses.split(","), a.task_port,
+                                 timeout=a.address_probe_timeout): sim for sim in sims}
     ctx = curvezmq.ClientContext(None if a.cert_dir == "None" else a.cert_dir)
     poller = zmq.Poller()
     by_socket = {}
