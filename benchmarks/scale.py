@@ -93,11 +93,13 @@ def executors(setting: str, n: int, run_dir: str) -> list:
             # CPUs start all 12 (this machine's 2 would make it 2).
             init = "export PARSL_CORES=208"
         else:
+            from parsl_aurora import modes
             from site_configs import aurora, local
 
             ex = local.in_job(nodes=1, run_dir=run_dir).executors[0]
             ex.label = f"htex_{i}"
-            ex.heartbeat_period, ex.heartbeat_threshold = aurora.SITE.heartbeat
+            # Aurora's heartbeat, scaled as the modes scale it for this many pools.
+            ex.heartbeat_period, ex.heartbeat_threshold = modes.heartbeat(aurora.SITE, n // parts)
             init = ex.provider.worker_init
         if setting != "real":
             from parsl_aurora.modes import GUARD
@@ -250,6 +252,11 @@ def run(setting: str, n: int, window: float, tasks: int, soft_limit: int | None 
     return out
 
 
+def _key(r: dict) -> tuple:
+    """Runs kept apart when merged: a setting's heartbeat may have changed between runs."""
+    return (r["setting"], r["managers"], r.get("check", False), tuple(r.get("heartbeat", ())))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -289,9 +296,8 @@ def main() -> int:
             runs.append(run(setting, a.check, a.window or 20, 1000, limit=a.limit)
                         | {"check": True})
         saved = json.loads(RESULTS.read_text())["runs"] if a.merge and RESULTS.exists() else []
-        keys = {(r["setting"], r["managers"], r.get("check", False)) for r in runs}
-        runs = [r for r in saved if (r["setting"], r["managers"], r.get("check", False))
-                not in keys] + runs
+        keys = {_key(r) for r in runs}
+        runs = [r for r in saved if _key(r) not in keys] + runs
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False)
         RESULTS.write_text(json.dumps({"started": started.isoformat(timespec="minutes"),
@@ -307,30 +313,83 @@ def _f(x, fmt: str) -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def _ms(x) -> str:
+    return "-" if x is None else f"{x * 1000:.0f}"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x * 100:.0f}%"
+
+
+LABEL = {"bundle": "bundle", "parsl": "Parsl's defaults", "split": "bundle, 2 executors",
+         "real": "bundle, Parsl's real pools"}
+
+
+def _registered(r: dict) -> str:
+    if r["register_s"] is None:
+        return f"never ({r['registered']:,} of {r['managers']:,})"
+    return f"{r['register_s']:.1f}"
+
+
+def _lost(r: dict) -> str:
+    if r["setting"] == "real":
+        return f"{r['lost']}"
+    if r["managers"] > PROBE_UP_TO:
+        return f"{r['lost']:,} (no probe)"
+    return (f"{r['lost']:,} ({r['probe_missed']} after every probe missed; "
+            f"{r.get('probe_misses', 0)} misses in all)")
+
+
+def _row(r: dict) -> list[str]:
+    if "aborted" in r:
+        return [f"{r['managers']:,}", LABEL[r["setting"]], f"stopped: {r['aborted']}",
+                *["-"] * 7]
+    period, threshold = r["heartbeat"]
+    return [f"{r['managers']:,}", f"{LABEL[r['setting']]} ({period} s / {threshold} s)",
+            _registered(r), _lost(r),
+            f"{_ms(r['rtt_p50'])} / {_ms(r['rtt_p99'])}", _pct(r["ic_cpu_idle"]),
+            _pct(r["ic_cpu_tasks"]), f"{r['tasks_per_s']:.0f}", f"{r['shortest_task_s']:.1f}",
+            f"{r['peak_rss'] / 2**30:.1f}"]
+
+
+HEADER = ["pools", "settings", "all registered after (s)", "lost",
+          "heartbeat round trip p50 / p99 (ms)", "interchange CPU, heartbeats alone",
+          "interchange CPU, tasks", "no-op tasks/s",
+          f"shortest task keeping {BUSY:.0%} of workers busy (s)", "peak memory (GB)"]
+
+
+def bundle_heartbeat(r: dict) -> list[int]:
+    """The heartbeat the bundle now sets for a run's pools per interchange."""
+    from parsl_aurora import modes
+    from site_configs import aurora
+
+    parts = 2 if r["setting"] == "split" else 1
+    return list(modes.heartbeat(aurora.SITE, r["managers"] // parts))
+
+
 def render(data: dict) -> str:
-    rows = []
-    for r in data["runs"]:
-        if "aborted" in r:
-            rows.append([f"{r['managers']:,}", r["setting"], f"stopped: {r['aborted']}",
-                         *["-"] * 8])
-            continue
-        rows.append([f"{r['managers']:,}", r["setting"] + (" (2 x half)" if r["setting"] ==
-                                                            "split" else ""),
-                     _f(r["register_s"], "{:.1f}") if r["register_s"] is not None else
-                     f"never ({r['registered']:,} registered)",
-                     f"{r['lost']:,} ({r['probe_missed']} to the probe)",
-                     _f(r["rtt_p50"] and r["rtt_p50"] * 1000, "{:.0f}") + " / "
-                     + _f(r["rtt_p99"] and r["rtt_p99"] * 1000, "{:.0f}"),
-                     _f(r["ic_cpu_idle"] and r["ic_cpu_idle"] * 100, "{:.0f}%"),
-                     _f(r["ic_cpu_tasks"] * 100, "{:.0f}%"),
-                     f"{r['tasks_per_s']:.0f}", f"{r['shortest_task_s']:.1f}",
-                     f"{r['peak_rss'] / 2**30:.1f}"])
-    table = harness.md_table(
-        ["managers", "settings", "all registered after (s)", "lost",
-         "heartbeat RTT p50 / p99 (ms)", "interchange CPU, heartbeats only", "interchange CPU, tasks", "no-op tasks/s",
-         f"shortest task keeping {BUSY:.0%} of workers busy (s)", "peak memory (GB)"], rows)
-    return TEMPLATE.format(table=table, **{k: data[k] for k in ("started", "machine", "uptime")},
-                           workers=WORKERS, busy=f"{BUSY:.0%}")
+    runs = sorted(data["runs"], key=lambda r: (r["managers"], SETTINGS_ORDER.index(r["setting"]),
+                                                r.get("heartbeat", [0])[0]))
+    scale = [r for r in runs if not r.get("check")]
+    check = [r for r in runs if r.get("check")]
+    envelope = [r for r in scale if r["setting"] in ("bundle", "split") and "aborted" not in r
+                and r["heartbeat"] == bundle_heartbeat(r)]
+    env_rows = [[f"{r['managers']:,}" + (" (2 x half)" if r["setting"] == "split" else ""),
+                 "{} s / {} s".format(*r["heartbeat"]), _registered(r), _lost(r), _pct(r["ic_cpu_idle"]), f"{r['tasks_per_s']:.0f}",
+                 f"{r['shortest_task_s']:.0f}"] for r in envelope]
+    return TEMPLATE.format(
+        table=harness.md_table(HEADER, [_row(r) for r in scale]),
+        check=harness.md_table(HEADER, [_row(r) for r in check]) if check else "(not run)",
+        envelope=harness.md_table(
+            ["pools (nodes)", "heartbeat period / threshold", "all registered after (s)", "lost",
+             "interchange CPU, heartbeats alone",
+             "no-op tasks/s", IDLE_HEADER], env_rows),
+        **{k: data[k] for k in ("started", "machine", "uptime")}, workers=WORKERS,
+        busy=f"{BUSY:.0%}", probe_up_to=PROBE_UP_TO, per=PER_PROCESS)
+
+
+IDLE_HEADER = f"tasks shorter than this (s) leave over {100 - BUSY * 100:.0f}% of workers idle"
+SETTINGS_ORDER = ("bundle", "parsl", "split", "real")
 
 
 TEMPLATE = """# The interchange at scale
@@ -338,34 +397,75 @@ TEMPLATE = """# The interchange at scale
 Written by `python benchmarks/scale.py` (`nox -s scale`) from its own measurements; do not edit
 by hand. Measured {started} on {machine}; `uptime` at the end: `{uptime}`.
 
+## What to set: the envelope
+
+With the bundle's settings (Aurora's heartbeat of 10 s, threshold 60 s), one interchange:
+
+{envelope}
+
+- One interchange holds at most (hard open-file limit - 100) / 2 pools, one per node: 9,950
+  under this machine's hard limit of 20,000. The driver raises its soft limit to the hard limit
+  before Parsl starts the interchange, which inherits it
+  <!-- claim: tests/test_scale.py::test_a_burst_of_300_pools_registers_whole_under_a_low_soft_open_file_limit -->,
+  and a request for more pools than that is refused before anything is submitted, with the
+  count <!-- claim: tests/test_scale.py::test_a_request_past_the_drivers_hard_limit_is_refused_before_submit -->.
+  `ulimit -Hn` on the login node says what yours is.
+- More nodes than that: two executors (two interchanges) in one config, each with half the
+  jobs; the last row above is 10,000 pools that way. A job above 2,048 nodes gets a warning
+  that names the options spreading the same nodes over smaller jobs
+  <!-- claim: tests/test_site_configs.py::test_a_job_above_2048_nodes_gets_one_warning_line -->.
+- A pool whose address probe missed the interchange (Parsl 2025.1.13 exits 5, #1666) is
+  started again by the bundle's guard, up to three times
+  <!-- claim: tests/test_scale.py::test_the_guard_starts_a_pool_again_when_its_address_probe_missed -->.
+- Tasks: the last column is the shortest task that keeps {busy} of the workers ({workers} per
+  pool) busy at the no-op rate measured here; shorter tasks should be batched into longer ones.
+
+## Every run
+
 {table}
 
-How each run goes: a fresh driver `parsl.load`s a config with encryption on; its LocalProvider
-blocks each start one process of simulated worker pools (`parsl_aurora.fake.managers`, at most
-300 per process, all of a block at once, as one `mpiexec` starts a block's pools). Each
-simulated pool is a manager of Parsl 2025.1.13: Parsl's own address probe, CurveZMQ client
-context, registration and heartbeat messages, and tasks run through Parsl's `execute_task`;
-each says it has {workers} workers. **bundle**: the site configs' executor (the local site's
-`in_job`, with Aurora's heartbeat of 10 s and threshold 60 s, the bundle's open-file limit
-raised); **parsl**: Parsl's `HighThroughputExecutor` with its defaults (heartbeat 30 s,
-threshold 120 s; strategy every 5 s); **split**: the bundle's as two executors of half the
-pools each. Columns: time from `parsl.load` returning until the interchange counts every pool
-(the managers' processes start in that time); pools lost (registered ones missing at the end,
-and those whose address probe missed the interchange, #1666, which a real pool answers by
-exiting 5); heartbeat round trip as the pools see it (sent on the task channel, the
-interchange's answer received), over the whole run; the interchange's CPU (user + system, one
-core = 100%) over two heartbeat periods with no tasks, and while the tasks run; no-op
-`python_app` tasks per second, 5,000 from the driver, clocked after a warm-up task; the shortest
-task that keeps {busy} of the workers busy, derived as {busy} x workers / no-op rate (a task
-of that length is handed out as fast as workers free up), not measured; the peak memory of the
-driver, interchange and managers together.
+## Simulated pools against Parsl's own
+
+The same bundle config with real `process_worker_pool.py` pools ({workers} worker processes
+each) and with simulated ones, side by side:
+
+{check}
+
+## How each run goes
+
+A fresh driver `parsl.load`s a config with encryption on; its LocalProvider blocks each start
+one process of simulated worker pools (`parsl_aurora.fake.managers`, at most {per} per
+process, all of a block at once, as one `mpiexec` starts a block's pools). Each simulated pool
+is a manager of Parsl 2025.1.13 built from Parsl's own code: its address probe (up to
+{probe_up_to} pools; above that the pools connect without it, as thousands of probes at once,
+each a ZMQ context with its own thread, overload these 2 cores far more than the interchange),
+its CurveZMQ client context and keys, its registration and heartbeat messages, and tasks run
+through Parsl's `execute_task`; each says it has {workers} workers. Under the bundle's guard a
+simulated pool whose probe missed probes again, as the guard starts a real one again.
+
+Settings: **bundle**: the site configs' executor (the local site's `in_job`, with Aurora's
+heartbeat of 10 s and threshold 60 s; the open-file limit raised); **Parsl's defaults**:
+Parsl's `HighThroughputExecutor` with its defaults (heartbeat 30 s, threshold 120 s; strategy
+every 5 s), under this machine's soft open-file limit, which is already its hard limit; **2
+executors**: the bundle's as two executors of half the pools each.
+
+Columns: time from `parsl.load` returning until the interchange counts every pool (starting the
+pools' processes included); pools lost (not registered at the end); heartbeat round trip as the
+pools see it (sent on the task channel, the interchange's answer received), over the whole run;
+the interchange's CPU (user + system, one core = 100%) over two heartbeat periods with no tasks,
+and while the tasks run; no-op `python_app` tasks per second, 5,000 from the driver, after a
+warm-up task; the shortest task that keeps {busy} of the workers busy, derived as {busy} x
+workers / no-op rate (tasks of that length are handed out as fast as workers free up), not
+measured; the peak memory of the driver, interchange and pools together. Each run is stopped
+past 8 GB or 10 minutes.
 
 This machine is a pessimistic stand-in for an Aurora login node: 2 cores, shared with other
 work (the load above), and the simulated pools run on the same 2 cores as the interchange and
-the driver, where on Aurora they run on the compute nodes. The interchange's CPU share, the
-no-op rate and the shortest task are therefore lower bounds for a login node; the
-registration time here includes starting the pools' processes on these 2 cores. The
-open-file limit (hard 20,000 here) and the protocol's message counts are the same anywhere.
+the driver, where on Aurora they run on the compute nodes. The interchange's CPU share and the
+round trips are upper bounds, and the no-op rate a lower bound (so the shortest task an upper
+bound), for a login node; the registration time here includes starting the pools' processes
+on these 2 cores. The open-file limit and the message counts (2 x pools / heartbeat period per
+second) are the same anywhere.
 """
 
 

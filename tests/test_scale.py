@@ -99,3 +99,14 @@ def test_the_guard_starts_a_pool_again_when_its_address_probe_missed(
     rc, started, err = _guarded(tmp_path, script)
     assert (rc, started) == (status, starts)
     assert err.count("probe missed") == starts - 1
+
+
+def test_the_heartbeat_slows_with_the_square_of_the_pools_above_4096():
+    from site_configs import aurora
+
+    assert modes.heartbeat(aurora.SITE, 4096) == aurora.SITE.heartbeat == (10, 60)
+    # 9,000 pools: (9000 / 4096)^2 = 4.83 times the period and threshold.
+    assert modes.heartbeat(aurora.SITE, 9000) == (49, 290)
+    ex = aurora.multi_job(account="P", queue="prod", nodes_per_job=1000, max_jobs=9,
+                          walltime="1:00:00", address="10.1.2.3").executors[0]
+    assert (ex.heartbeat_period, ex.heartbeat_threshold) == (49, 290)

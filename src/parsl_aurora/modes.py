@@ -363,12 +363,28 @@ def _prepare(site: Site, run_dir: str) -> None:
         os.environ.update(site.prepare(Path(run_dir, "fake")))
 
 
-def _robust(site: Site, drain: int | None, encrypted: bool, block: Block) -> dict:
+# Up to this many pools on one interchange the site's heartbeat holds; above it the period and
+# threshold grow with the square of the pools: the pinned interchange scans every pool for each
+# message it handles, so its heartbeat work grows as pools^2 / period (docs/scale.md).
+HEARTBEAT_POOLS = 4096
+
+
+def heartbeat(site: Site, pools: int) -> tuple[int, int]:
+    """(period, threshold) in seconds for `pools` worker pools on one interchange."""
+    period, threshold = site.heartbeat
+    if pools <= HEARTBEAT_POOLS:
+        return period, threshold
+    scale = (pools / HEARTBEAT_POOLS) ** 2
+    return math.ceil(period * scale), math.ceil(threshold * scale)
+
+
+def _robust(site: Site, drain: int | None, encrypted: bool, block: Block,
+            pools: int = 1) -> dict:
     """Executor settings every mode shares: how blocks are given up on, lost pools noticed,
     and who may connect."""
     from parsl_aurora.executors import GiveUp
 
-    period, threshold = site.heartbeat
+    period, threshold = heartbeat(site, pools)
     return {
         "address": block.address,
         "heartbeat_period": period,
@@ -544,7 +560,8 @@ def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
         nodes_per_job=nodes_per_job, max_jobs=max_jobs, run_dir=run_dir,
         worker_init=worker_init, container=container, binds=binds, interface=interface,
         address=address, hierarchy=hierarchy, activate=activate)
-    executor = _htex_tiles(site, node, provider, block, _robust(site, drain, encrypted, block))
+    executor = _htex_tiles(site, node, provider, block,
+                           _robust(site, drain, encrypted, block, nodes_per_job * max_jobs))
     return _config(executor, retries=retries, run_dir=run_dir, resume=resume,
                    monitoring=monitoring)
 
@@ -678,6 +695,7 @@ def in_job(site: Site, node: Node, *, nodefile: str | None = None, worker_init: 
         worker_init=block.worker_init,
     )
     # No drain: the job's walltime belongs to the script that started this driver.
-    executor = _htex_tiles(site, node, provider, block, _robust(site, None, encrypted, block))
+    executor = _htex_tiles(site, node, provider, block,
+                           _robust(site, None, encrypted, block, len(set(hosts))))
     return _config(executor, retries=retries, run_dir=run_dir, resume=resume,
                    monitoring=monitoring)
