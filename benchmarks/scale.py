@@ -191,8 +191,9 @@ def one(setting: str, n: int, window: float, tasks: int, soft_limit: int | None,
         ics = [psutil.Process(e.interchange_proc.pid) for e in exs]
         start = time.monotonic()
         connected = missed = 0
-        # Until every pool has registered or missed its probe, or none has for a threshold.
-        last_new, wait = start, max(e.heartbeat_threshold for e in exs)
+        # Until every pool has registered or missed its probe, or none has for a minute (or a
+        # heartbeat threshold, if shorter).
+        last_new, wait = start, min(60, max(e.heartbeat_threshold for e in exs))
         while connected + missed < n and time.monotonic() - last_new < wait:
             time.sleep(0.5)
             now_connected = sum(e.connected_workers for e in exs) // WORKERS
