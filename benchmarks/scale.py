@@ -146,6 +146,7 @@ class Watch:
 
     def __init__(self, limit: float):
         self.peak, self.limit = 0, limit
+        self.extra: dict = {}  # what the run's record should say even if it is stopped
         self.start = time.monotonic()
         threading.Thread(target=self._loop, daemon=True).start()
 
@@ -164,7 +165,7 @@ class Watch:
             over = "memory" if rss > MEMORY else (
                 "time" if time.monotonic() - self.start > self.limit else "")
             if over:
-                print(json.dumps({"aborted": over, "rss": rss}), flush=True)
+                print(json.dumps({"aborted": over, "rss": rss, **self.extra}), flush=True)
                 for p in me.children(recursive=True):
                     p.kill()
                 os._exit(3)
@@ -189,6 +190,7 @@ def one(setting: str, n: int, window: float, tasks: int, soft_limit: int | None,
     with parsl.load(config(setting, n, run_dir)) as dfk:
         exs = [e for e in dfk.executors.values() if hasattr(e, "interchange_proc")]
         ics = [psutil.Process(e.interchange_proc.pid) for e in exs]
+        watch.extra["heartbeat"] = [exs[0].heartbeat_period, exs[0].heartbeat_threshold]
         start = time.monotonic()
         connected = missed = 0
         # Until every pool has registered or missed its probe, or none has for a minute (or a
