@@ -174,7 +174,8 @@ class Watch:
 
 def one(setting: str, n: int, window: float, tasks: int, soft_limit: int | None,
         limit: float = RUN_LIMIT) -> dict:
-    """Load, wait for every manager, watch heartbeats for `window` s, run no-op tasks."""
+    """Load, wait for every manager, watch heartbeats for `window` s (below 0: that many
+    heartbeat periods), run no-op tasks."""
     import psutil
 
     if soft_limit:
@@ -206,6 +207,9 @@ def one(setting: str, n: int, window: float, tasks: int, soft_limit: int | None,
         result["registered"] = connected
         result["interchange_fds"] = [len(os.listdir(f"/proc/{p.pid}/fd")) for p in ics]
         cpu0, t0 = sum(sum(p.cpu_times()[:2]) for p in ics), time.monotonic()
+        if window < 0:
+            window = -window * exs[0].heartbeat_period
+        result["window_s"] = window
         time.sleep(window)
         result["ic_cpu_idle"] = (sum(sum(p.cpu_times()[:2]) for p in ics) - cpu0) / (
             time.monotonic() - t0) if window else None
@@ -288,16 +292,15 @@ def main() -> int:
         sizes = [128, 512] if a.quick else [int(s) for s in a.sizes.split(",") if s]
         runs = []
         started = dt.datetime.now(dt.timezone.utc)
+        # Two heartbeat periods watched, whatever the period (fewer with --quick).
+        window = a.window if a.window is not None else (-1.2 if a.quick else -2)
         for n in sizes:
             for setting in a.settings.split(","):
-                period = 10 if setting == "bundle" else 30
-                window = a.window if a.window is not None else (period + 2 if a.quick else 2 * period)
                 runs.append(run(setting, n, window, a.tasks, limit=a.limit))
         if a.split and not a.quick:
-            runs.append(run("split", a.split, a.window or 20, a.tasks, limit=a.limit))
+            runs.append(run("split", a.split, window, a.tasks, limit=a.limit))
         for setting in ("real", "bundle") if a.check else ():
-            runs.append(run(setting, a.check, a.window or 20, 1000, limit=a.limit)
-                        | {"check": True})
+            runs.append(run(setting, a.check, window, 1000, limit=a.limit) | {"check": True})
         saved = json.loads(RESULTS.read_text())["runs"] if a.merge and RESULTS.exists() else []
         keys = {_key(r) for r in runs}
         runs = [r for r in saved if _key(r) not in keys] + runs
@@ -344,11 +347,12 @@ def _lost(r: dict) -> str:
 
 
 def _row(r: dict) -> list[str]:
+    label = LABEL[r["setting"]]
+    if "heartbeat" in r:
+        label += " ({} s / {} s)".format(*r["heartbeat"])
     if "aborted" in r:
-        return [f"{r['managers']:,}", LABEL[r["setting"]], f"stopped: {r['aborted']}",
-                *["-"] * 7]
-    period, threshold = r["heartbeat"]
-    return [f"{r['managers']:,}", f"{LABEL[r['setting']]} ({period} s / {threshold} s)",
+        return [f"{r['managers']:,}", label, f"stopped: {r['aborted']}", *["-"] * 7]
+    return [f"{r['managers']:,}", label,
             _registered(r), _lost(r),
             f"{_ms(r['rtt_p50'])} / {_ms(r['rtt_p99'])}", _pct(r["ic_cpu_idle"]),
             _pct(r["ic_cpu_tasks"]), f"{r['tasks_per_s']:.0f}", f"{r['shortest_task_s']:.1f}",
@@ -402,7 +406,8 @@ by hand. Measured {started} on {machine}; `uptime` at the end: `{uptime}`.
 
 ## What to set: the envelope
 
-With the bundle's settings (Aurora's heartbeat of 10 s, threshold 60 s), one interchange:
+With the bundle's settings (Aurora's heartbeat of 10 s and threshold of 60 s, slowed with the
+square of the pools above 4,096 per interchange), one interchange:
 
 {envelope}
 
