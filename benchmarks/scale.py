@@ -31,6 +31,9 @@ RESULTS = harness.WORK / "scale.json"
 SIZES = (128, 512, 2048, 4096, 9000)
 SPLIT = 10000  # as two executors of half each: the open-file limit is per interchange
 SETTINGS = ("bundle", "parsl")
+# split: the bundle's as two executors; real: with Parsl's own pools; fixed: the bundle's
+# without slowing the heartbeat for many pools.
+EXTRA_SETTINGS = ("split", "real", "fixed")
 # Real pools (12 worker processes each) against simulated ones, on these 2 cores.
 CHECK = 4
 PER_PROCESS = 300
@@ -99,7 +102,9 @@ def executors(setting: str, n: int, run_dir: str) -> list:
             ex = local.in_job(nodes=1, run_dir=run_dir).executors[0]
             ex.label = f"htex_{i}"
             # Aurora's heartbeat, scaled as the modes scale it for this many pools.
-            ex.heartbeat_period, ex.heartbeat_threshold = modes.heartbeat(aurora.SITE, n // parts)
+            ex.heartbeat_period, ex.heartbeat_threshold = (
+                aurora.SITE.heartbeat if setting == "fixed"
+                else modes.heartbeat(aurora.SITE, n // parts))
             init = ex.provider.worker_init
         if setting != "real":
             from parsl_aurora.modes import GUARD
@@ -200,7 +205,10 @@ def one(setting: str, n: int, window: float, tasks: int, soft_limit: int | None,
         while connected + missed < n and time.monotonic() - last_new < wait:
             time.sleep(0.5)
             now_connected = sum(e.connected_workers for e in exs) // WORKERS
-            missed = sum(r["states"].get("probe_missed", 0) for r in sim_reports(run_dir))
+            reports = sim_reports(run_dir)
+            missed = sum(r["states"].get("probe_missed", 0) for r in reports)
+            watch.extra.update(registered=now_connected, gave_up=sum(
+                r["states"].get("lost", 0) for r in reports))
             if now_connected > connected:
                 connected, last_new = now_connected, time.monotonic()
         result["register_s"] = last_new - start if connected + missed == n else None
@@ -280,7 +288,7 @@ def main() -> int:
                    help="pools in the simulated-against-real check (0: none)")
     p.add_argument("--merge", action="store_true",
                    help="keep the saved runs of other sizes and settings")
-    p.add_argument("--one", choices=(*SETTINGS, "split", "real"), help=argparse.SUPPRESS)
+    p.add_argument("--one", choices=(*SETTINGS, *EXTRA_SETTINGS), help=argparse.SUPPRESS)
     p.add_argument("--managers", type=int, default=300, help=argparse.SUPPRESS)
     p.add_argument("--soft-limit", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -328,7 +336,7 @@ def _pct(x) -> str:
 
 
 LABEL = {"bundle": "bundle", "parsl": "Parsl's defaults", "split": "bundle, 2 executors",
-         "real": "bundle, Parsl's real pools"}
+         "real": "bundle, Parsl's real pools", "fixed": "bundle, heartbeat not slowed"}
 
 
 def _registered(r: dict) -> str:
@@ -351,7 +359,9 @@ def _row(r: dict) -> list[str]:
     if "heartbeat" in r:
         label += " ({} s / {} s)".format(*r["heartbeat"])
     if "aborted" in r:
-        return [f"{r['managers']:,}", label, f"stopped: {r['aborted']}", *["-"] * 7]
+        state = (f" ({r['registered']:,} registered, {r['gave_up']:,} pools gave up)"
+                 if "registered" in r else "")
+        return [f"{r['managers']:,}", label, f"stopped: {r['aborted']}{state}", *["-"] * 7]
     return [f"{r['managers']:,}", label,
             _registered(r), _lost(r),
             f"{_ms(r['rtt_p50'])} / {_ms(r['rtt_p99'])}", _pct(r["ic_cpu_idle"]),
@@ -396,7 +406,7 @@ def render(data: dict) -> str:
 
 
 IDLE_HEADER = f"tasks shorter than this (s) leave over {100 - BUSY * 100:.0f}% of workers idle"
-SETTINGS_ORDER = ("bundle", "parsl", "split", "real")
+SETTINGS_ORDER = ("bundle", "fixed", "parsl", "split", "real")
 
 
 TEMPLATE = """# The interchange at scale
@@ -455,7 +465,10 @@ Settings: **bundle**: the site configs' executor (the local site's `in_job`, wit
 heartbeat of 10 s and threshold 60 s; the open-file limit raised); **Parsl's defaults**:
 Parsl's `HighThroughputExecutor` with its defaults (heartbeat 30 s, threshold 120 s; strategy
 every 5 s), under this machine's soft open-file limit, which is already its hard limit; **2
-executors**: the bundle's as two executors of half the pools each.
+executors**: the bundle's as two executors of half the pools each; **heartbeat not slowed**:
+the bundle's with Aurora's 10 s / 60 s whatever the pools, as before `modes.heartbeat`. A run
+stopped at its time limit says how many pools had registered by then and how many had given up
+on the interchange (no answer for a heartbeat threshold).
 
 Columns: time from `parsl.load` returning until the interchange counts every pool (starting the
 pools' processes included); pools lost (not registered at the end); heartbeat round trip as the
