@@ -361,18 +361,39 @@ def _row(r: dict) -> list[str]:
     if "aborted" in r:
         state = (f" ({r['registered']:,} registered, {r['gave_up']:,} pools gave up)"
                  if "registered" in r else "")
-        return [f"{r['managers']:,}", label, f"stopped: {r['aborted']}{state}", *["-"] * 7]
+        return [f"{r['managers']:,}", label, f"stopped: {r['aborted']}{state}", *["-"] * 7,
+                f"{r['load_before']:.0f}"]
     return [f"{r['managers']:,}", label,
             _registered(r), _lost(r),
             f"{_ms(r['rtt_p50'])} / {_ms(r['rtt_p99'])}", _pct(r["ic_cpu_idle"]),
             _pct(r["ic_cpu_tasks"]), f"{r['tasks_per_s']:.0f}", f"{r['shortest_task_s']:.1f}",
-            f"{r['peak_rss'] / 2**30:.1f}"]
+            f"{r['peak_rss'] / 2**30:.1f}", f"{r['load_before']:.0f}"]
 
 
 HEADER = ["pools", "settings", "all registered after (s)", "lost",
           "heartbeat round trip p50 / p99 (ms)", "interchange CPU, heartbeats alone",
           "interchange CPU, tasks", "no-op tasks/s",
-          f"shortest task keeping {BUSY:.0%} of workers busy (s)", "peak memory (GB)"]
+          f"shortest task keeping {BUSY:.0%} of workers busy (s)", "peak memory (GB)",
+          "load average before"]
+
+
+def compare(check: list[dict]) -> str:
+    """What the check says, in words: the interchange's side agrees or not, the pools' differ."""
+    by = {r["setting"]: r for r in check if "aborted" not in r}
+    real, sim = by.get("real"), by.get("bundle")
+    if not (real and sim):
+        return ""
+    return (f"The interchange's CPU with heartbeats alone: {_pct(real['ic_cpu_idle'])} with "
+            f"Parsl's pools, {_pct(sim['ic_cpu_idle'])} with simulated ones; while tasks run: "
+            f"{_pct(real['ic_cpu_tasks'])} and {_pct(sim['ic_cpu_tasks'])}. The no-op rate "
+            f"({real['tasks_per_s']:.0f} and {sim['tasks_per_s']:.0f} tasks/s) and the "
+            f"registration time ({real['register_s']:.1f} s and {sim['register_s']:.1f} s) "
+            "differ by the pools' own work, which the simulated ones skip: a real pool starts "
+            f"{WORKERS} worker processes and hands each task through multiprocessing queues, a "
+            "simulated one runs it inline. So the rates measured with simulated pools are the "
+            "interchange's and the driver's, an upper bound on what real pools get when the "
+            "pools, not the interchange, are the bottleneck. Parsl's pools keep no heartbeat "
+            "timings, hence no round trip for them.")
 
 
 def bundle_heartbeat(r: dict) -> list[int]:
@@ -396,7 +417,8 @@ def render(data: dict) -> str:
                  f"{r['shortest_task_s']:.0f}"] for r in envelope]
     return TEMPLATE.format(
         table=harness.md_table(HEADER, [_row(r) for r in scale]),
-        check=harness.md_table(HEADER, [_row(r) for r in check]) if check else "(not run)",
+        check=(harness.md_table(HEADER, [_row(r) for r in check]) + "\n\n" + compare(check)
+               if check else "(not run)"),
         envelope=harness.md_table(
             ["pools (nodes)", "heartbeat period / threshold", "all registered after (s)", "lost",
              "interchange CPU, heartbeats alone",
@@ -412,7 +434,8 @@ SETTINGS_ORDER = ("bundle", "fixed", "parsl", "split", "real")
 TEMPLATE = """# The interchange at scale
 
 Written by `python benchmarks/scale.py` (`nox -s scale`) from its own measurements; do not edit
-by hand. Measured {started} on {machine}; `uptime` at the end: `{uptime}`.
+by hand. Last series started {started} on {machine}; `uptime` at its end: `{uptime}`; each
+run's one-minute load average before it started is in its row below.
 
 ## What to set: the envelope
 
@@ -433,7 +456,8 @@ square of the pools above 4,096 per interchange), one interchange:
   that names the options spreading the same nodes over smaller jobs
   <!-- claim: tests/test_site_configs.py::test_a_job_above_2048_nodes_gets_one_warning_line -->.
 - A pool whose address probe missed the interchange (Parsl 2025.1.13 exits 5, #1666) is
-  started again by the bundle's guard, up to three times
+  started again by the bundle's guard, up to three times; a miss costs that pool the probe's
+  30 s timeout first, which shows in the registration time of a run that had one
   <!-- claim: tests/test_scale.py::test_the_guard_starts_a_pool_again_when_its_address_probe_missed -->.
 - Tasks: the last column is the shortest task that keeps {busy} of the workers ({workers} per
   pool) busy at the no-op rate measured here; shorter tasks should be batched into longer ones.
