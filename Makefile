@@ -5,7 +5,7 @@ NOX := $(TOOLS)/bin/nox
 # Versions of the tools that drive everything else (the only place they are pinned).
 TOOL_PINS := nox==2026.10.20 uv==0.13.9
 
-.PHONY: help test lint demo bench image lock publish pull install-apptainer clean
+.PHONY: help test lint demo bench scale image lock publish pull install-apptainer clean
 
 help: ## show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -25,6 +25,9 @@ demo: $(NOX) ## run examples/workflow.py on the fake cluster
 
 bench: $(NOX) ## benchmark against hand-tuned Parsl, rewrite docs/benchmarks.md [ARGS=--quick]
 	$(NOX) -s bench -- $(ARGS)
+
+scale: $(NOX) ## thousands of simulated pools against the real interchange, rewrite docs/scale.md [ARGS=--quick]
+	$(NOX) -s scale -- $(ARGS)
 
 image: $(NOX) ## build aurora.sif (reused when unchanged); EXTRA=requirements.txt [EXTRA_DATE=] adds yours
 	$(NOX) -s image -- $(if $(EXTRA),--extra $(EXTRA)) $(if $(EXTRA_DATE),--extra-date $(EXTRA_DATE)) $(ARGS)

@@ -90,3 +90,10 @@ def reproducible(session: nox.Session) -> None:
     """Build twice from clean and compare bytes (-- --against aurora.sif: rebuild, compare)."""
     session.install("pip", ".[image]")
     session.run("python", "-m", "parsl_aurora.reproducible", *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
+def scale(session: nox.Session) -> None:
+    """Thousands of simulated pools against the real interchange; rewrite docs/scale.md."""
+    session.install(".[fake]", env=COMPILED)
+    session.run("python", "benchmarks/scale.py", *session.posargs)

@@ -43,7 +43,11 @@ SITE = Site(
     # Workers connect over the Slingshot network (ALCF's page, since 2026-07).
     interface="hsn0",
     # A pool killed with its job (walltime, node failure) gives its tasks back within a minute,
-    # not Parsl's two; ten-second heartbeats are noise for one interchange even at 10,000 nodes.
+    # not Parsl's two. Measured (docs/scale.md, `nox -s scale`, 2 loaded cores): at 4,096 pools
+    # ten-second heartbeats take 29% of a core of one interchange, whose heartbeat work grows
+    # with the square of the pools (it scans them all for every message); in a first run at
+    # 9,000 it fell behind and expired live pools ("Too many heartbeats missed"). Above 4,096
+    # pools per interchange modes.heartbeat slows both figures with that square.
     heartbeat=(10, 60),
     # One qstat for all of the workflow's jobs every 30 s: the next job is asked for soon after
     # one ends, at a load on the PBS server of a user watching `qstat` by hand.

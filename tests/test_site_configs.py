@@ -242,6 +242,9 @@ def test_a_job_above_2048_nodes_gets_one_warning_line(capsys):
     aurora.multi_job(account="P", queue="prod", nodes_per_job=2049, walltime="1:00:00", **AT)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ALCF" in err and "Parsl #4149" in err
+    # The same nodes as jobs of at most 2,048 (the options to pass).
+    assert err.endswith("consider more, smaller jobs: nodes_per_job=1025, max_jobs=2 (2050 nodes "
+                        "in all, for 2049)\n")
     aurora.multi_job(account="P", queue="prod", nodes_per_job=2048, walltime="1:00:00", **AT)
     assert capsys.readouterr().err == ""
 

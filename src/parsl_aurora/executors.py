@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class _Patient:
         tag = start_run(self.run_dir)
         if hasattr(self.provider, "run_tag"):
             self.provider.run_tag = tag
+        raise_open_file_limit()
         started = super().start()
         interchange = getattr(self, "interchange_proc", None)
         if interchange is not None:  # it outlives a killed driver: cleanup ends it
@@ -42,6 +44,27 @@ class _Patient:
         if holding_off is not None and holding_off():
             return []
         return super().scale_out_facade(n)
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; return the new soft limit.
+
+    Each worker pool holds two TCP connections to the interchange, and Parsl 2025.1.13 raises
+    no limit: under a login shell's usual soft limit of 1,024 only about 500 pools register, and
+    the rest are lost silently (libzmq retries the refused accept() without a word in
+    interchange.log). Parsl starts the interchange with subprocess.Popen and no preexec hook, so
+    raising the driver's own soft limit before that is what reaches the interchange: the limit
+    is inherited. The driver's own sockets are polled by ZMQ, not select(), so the higher
+    limit costs it nothing.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Linux takes no infinite RLIMIT_NOFILE; fs.nr_open is the most it takes.
+    target = hard if hard != resource.RLIM_INFINITY else int(
+        Path("/proc/sys/fs/nr_open").read_text())
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
 
 
 class HighThroughputExecutor(_Patient, _HTEX):

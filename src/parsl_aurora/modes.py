@@ -203,8 +203,49 @@ def check_queue(site: Site, queue: object, nodes: int, walltime: str, max_jobs: 
     if nodes > LARGEST_ADVISED_JOB:
         print(f"parsl-aurora: warning: nodes_per_job={nodes} is above the {LARGEST_ADVISED_JOB} "
               "nodes ALCF advises per job, and Parsl's HighThroughputExecutor is reported to "
-              "struggle beyond it on Aurora (Parsl #4149); consider more, smaller jobs",
-              file=sys.stderr)
+              "struggle beyond it on Aurora (Parsl #4149); consider more, smaller jobs: "
+              f"{smaller_jobs(nodes, max_jobs)}", file=sys.stderr)
+
+
+def smaller_jobs(nodes: int, max_jobs: int) -> str:
+    """The same nodes in all as jobs of at most LARGEST_ADVISED_JOB nodes, as options."""
+    split = math.ceil(nodes / LARGEST_ADVISED_JOB)
+    per = math.ceil(nodes / split)
+    return (f"nodes_per_job={per}, max_jobs={max_jobs * split} ({per * split * max_jobs} "
+            f"nodes in all, for {nodes * max_jobs})")
+
+
+# Open files the interchange holds besides its pools' connections: 25 with none registered
+# (Parsl 2025.1.13, encrypted, measured here), doubled and rounded up for the monitoring hub's
+# radio and the sockets ZMQ opens while a burst of pools connects.
+INTERCHANGE_FILES = 100
+
+
+def open_file_limit() -> int | None:
+    """The hard RLIMIT_NOFILE the driver raises its soft limit to before the interchange starts
+    (executors.raise_open_file_limit), which the interchange inherits; None when unlimited."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return None if hard == resource.RLIM_INFINITY else hard
+
+
+def check_open_files(pools: int, field: str, value: object, limit: int | None = None) -> None:
+    """Refuse a request whose worker pools need more connections than one interchange may
+    open: two per pool, plus its own files. Past the limit Parsl 2025.1.13 loses the extra
+    pools silently; here the request stops before anything is submitted."""
+    limit = open_file_limit() if limit is None else limit
+    if limit is None:
+        return
+    most = (limit - INTERCHANGE_FILES) // 2
+    if pools > most:
+        raise ConfigError(field, value,
+                          f"at most {most} worker pools in all ({pools} asked for: one per "
+                          f"node, two connections each, and the interchange may open {limit} "
+                          "files, the driver's hard open-file limit)",
+                          "ask for fewer nodes, split them over two executors (the limit is "
+                          "per interchange), or raise the hard limit (`ulimit -Hn`) of the "
+                          "shell that starts the driver")
 
 
 def _boolean(name: str, value: object) -> bool:
@@ -359,12 +400,28 @@ def _prepare(site: Site, run_dir: str) -> None:
         os.environ.update(site.prepare(Path(run_dir, "fake")))
 
 
-def _robust(site: Site, drain: int | None, encrypted: bool, block: Block) -> dict:
+# Up to this many pools on one interchange the site's heartbeat holds; above it the period and
+# threshold grow with the square of the pools: the pinned interchange scans every pool for each
+# message it handles, so its heartbeat work grows as pools^2 / period (docs/scale.md).
+HEARTBEAT_POOLS = 4096
+
+
+def heartbeat(site: Site, pools: int) -> tuple[int, int]:
+    """(period, threshold) in seconds for `pools` worker pools on one interchange."""
+    period, threshold = site.heartbeat
+    if pools <= HEARTBEAT_POOLS:
+        return period, threshold
+    scale = (pools / HEARTBEAT_POOLS) ** 2
+    return math.ceil(period * scale), math.ceil(threshold * scale)
+
+
+def _robust(site: Site, drain: int | None, encrypted: bool, block: Block,
+            pools: int = 1) -> dict:
     """Executor settings every mode shares: how blocks are given up on, lost pools noticed,
     and who may connect."""
     from parsl_aurora.executors import GiveUp
 
-    period, threshold = site.heartbeat
+    period, threshold = heartbeat(site, pools)
     return {
         "address": block.address,
         "heartbeat_period": period,
@@ -528,6 +585,7 @@ def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
     _retries(retries)
     check_queue(site, queue, nodes_per_job, walltime, max_jobs,
                 _boolean("allow_unlisted_queue", allow_unlisted_queue))
+    check_open_files(nodes_per_job * max_jobs, "max_jobs", max_jobs)
     # Parsl is imported once the cheap checks pass: a refused request answers at once.
     from parsl.launchers import MpiExecLauncher
 
@@ -538,7 +596,8 @@ def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
         nodes_per_job=nodes_per_job, max_jobs=max_jobs, run_dir=run_dir,
         worker_init=worker_init, container=container, binds=binds, interface=interface,
         address=address, hierarchy=hierarchy, activate=activate, stage_image=stage_image)
-    executor = _htex_tiles(site, node, provider, block, _robust(site, drain, encrypted, block))
+    executor = _htex_tiles(site, node, provider, block,
+                           _robust(site, drain, encrypted, block, nodes_per_job * max_jobs))
     return _config(executor, retries=retries, run_dir=run_dir, resume=resume,
                    monitoring=monitoring)
 
@@ -651,6 +710,7 @@ def in_job(site: Site, node: Node, *, nodefile: str | None = None, worker_init: 
            stage_image: str | None = None):
     """Everything inside one PBS job: one worker pool per node of the job, started by mpiexec."""
     hosts = read_nodefile(nodefile)
+    check_open_files(len(set(hosts)), "nodefile", nodefile or os.environ.get("PBS_NODEFILE"))
     _retries(retries)
     from parsl.launchers import MpiExecLauncher
     from parsl.providers import LocalProvider
@@ -672,6 +732,7 @@ def in_job(site: Site, node: Node, *, nodefile: str | None = None, worker_init: 
         worker_init=block.worker_init,
     )
     # No drain: the job's walltime belongs to the script that started this driver.
-    executor = _htex_tiles(site, node, provider, block, _robust(site, None, encrypted, block))
+    executor = _htex_tiles(site, node, provider, block,
+                           _robust(site, None, encrypted, block, len(set(hosts))))
     return _config(executor, retries=retries, run_dir=run_dir, resume=resume,
                    monitoring=monitoring)
