@@ -351,12 +351,18 @@ def test_mpi4py_allreduce_across_two_fake_nodes(env):
 ONE_FAILS = 'echo "start $PALS_RANKID"; [ "$PALS_RANKID" = 1 ] && exit 3; sleep {s}; echo done'
 
 
+def launching(env: dict, with_hydra: bool) -> dict:
+    """ENV for the fake mpiexec with MPICH's hydra, or without it (as inside the image)."""
+    if with_hydra:
+        return env
+    path = [p for p in env["PATH"].split(os.pathsep)
+            if not (p and os.path.exists(f"{p}/mpiexec.hydra"))]
+    return {**env, "PARSL_AURORA_HYDRA": "", "PATH": os.pathsep.join(path)}
+
+
 @pytest.mark.parametrize("with_hydra", [True, False], ids=["hydra", "direct"])
 def test_one_rank_exiting_non_zero_aborts_every_rank(env, with_hydra):
-    env = {**env, "PARSL_AURORA_HYDRA": env["PARSL_AURORA_HYDRA"] if with_hydra else ""}
-    if not with_hydra:
-        env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep)
-                                      if not (p and os.path.exists(f"{p}/mpiexec.hydra")))
+    env = launching(env, with_hydra)
     r = run(env, "mpiexec", "-n", "3", "-ppn", "3", "--hosts", "a", "sh", "-c",
             ONE_FAILS.format(s=60))
     # The largest exit status (PALS's front end); the ranks it ended count too.
@@ -366,10 +372,7 @@ def test_one_rank_exiting_non_zero_aborts_every_rank(env, with_hydra):
 
 @pytest.mark.parametrize("with_hydra", [True, False], ids=["hydra", "direct"])
 def test_no_abort_on_failure_lets_the_other_ranks_finish(env, with_hydra):
-    env = {**env, "PARSL_AURORA_HYDRA": env["PARSL_AURORA_HYDRA"] if with_hydra else ""}
-    if not with_hydra:
-        env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep)
-                                      if not (p and os.path.exists(f"{p}/mpiexec.hydra")))
+    env = launching(env, with_hydra)
     r = run(env, "mpiexec", "--no-abort-on-failure", "-n", "3", "-ppn", "3", "--hosts", "a",
             "sh", "-c", ONE_FAILS.format(s=1))
     # The largest exit status of the ranks, as PALS's front end reports.
