@@ -201,14 +201,26 @@ def test_a_failing_qstat_keeps_the_last_states_and_backs_off(fake, request, fail
 
 def test_a_job_of_ours_holding_the_debug_slot_only_delays_the_run(cluster, request):
     """Aurora's debug queue takes one job per user: a job already there makes the run's qsub
-    refused (exit 38) until it ends; the run backs off, then gets its block and completes."""
-    driver_python(cluster, request)  # ready before the holder's time starts running
+    refused (exit 38) until it ends; the run backs off, then gets its block and completes. The
+    holder ends only once a refusal is recorded, so no race decides what the test sees."""
+    from parsl_aurora import runs
+
     holder_dir = cluster.workdir("holder")
-    holder = cluster.submit(holder_dir, "sleep 12\n", "-q", "debug",
-                            directives=("-l select=1:ncpus=208", "-l walltime=0:01:00"))
+    # The holder ends when the test says so: once PBS has refused the run's block.
+    holder = cluster.submit(holder_dir, f"until [ -e {holder_dir}/go ]; do sleep 0.2; done\n",
+                            "-q", "debug",
+                            directives=("-l select=1:ncpus=208", "-l walltime=0:10:00"))
     cluster.wait_state(holder, "R")
     d, proc = flow(cluster, request, 30, 0.2, queue="debug", max_jobs=1, progress=0.5)
-    code, out, err = finish(proc)
+    try:
+        wait_for(lambda: any(e.kind == "refused" for f in (d / "runinfo").glob(
+            f"*/{runs.EVENTS}") for e in runs.read_events(f.read_text())),
+            "the run's block refused while the holder has the slot")
+        cluster.write(holder_dir / "go", "")
+        code, out, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert code == 0, err[-2000:]
     assert json.loads(out.splitlines()[-1]) == [i * i for i in range(30)]
     log = next((d / "runinfo").glob("*/parsl.log")).read_text()
