@@ -37,6 +37,9 @@ def work(i, seconds, marks):
     from pathlib import Path
     me = f"{i}.{os.getpid()}.{time.time_ns()}"
     Path(marks, "start-" + me).touch()
+    hold = Path(marks).parent / "hold"  # holds tasks from its number on, while it exists
+    while hold.exists() and i >= int(hold.read_text() or 0):
+        time.sleep(0.1)
     time.sleep(seconds)
     Path(marks, "end-" + me).touch()
     return i * i
@@ -226,8 +229,11 @@ def checkpointed(run_dir: Path) -> int:
 
 
 def test_restarted_driver_does_not_rerun_finished_tasks(fake, request):
+    """The first run is killed once 12 results are checkpointed; tasks from 12 on wait until
+    then, so the kill never races the rest of the run to its end."""
     flow = Flow(fake, request, "in_job", 40, 0.5, resume=True)
     run_dir = flow.folder / "runinfo"
+    fake.write(flow.folder / "hold", "12")
     first = flow.start()
     try:
         wait_for(lambda: checkpointed(run_dir) >= 12, "12 checkpointed results")
@@ -240,6 +246,7 @@ def test_restarted_driver_does_not_rerun_finished_tasks(fake, request):
     done_before = checkpointed(run_dir)
     starts_before = len(flow.marked("start"))
     assert 12 <= done_before < 40
+    (flow.folder / "hold").unlink()
 
     result = flow.run()
     assert result["results"] == [i * i for i in range(40)]
