@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from parsl_aurora.fake import bin_dir, hydra
+from parsl_aurora.fake import bin_dir, hydra, procs
 
 BINDINGS = ("none", "depth", "core", "list")
 CPUS_PER_NODE = 208  # logical CPUs of an Aurora node
@@ -312,26 +312,62 @@ def _signal_groups(groups: list[int], sig: int) -> None:
             pass
 
 
+def end_what_is_left(grace: float = ABORT_GRACE_S) -> None:
+    """End every process still below this one once the ranks are done: PALS ends all of an
+    application's processes with it. hydra signals only its ranks' process groups, so a
+    process a rank put in a group of its own (the worker-pool guard's pool) would outlive a
+    rank hydra killed; as a subreaper we inherited it. SIGTERM, then SIGKILL after `grace`."""
+    me = os.getpid()
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        left = procs.descendants(me)
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and procs.descendants(me):
+            _reap_orphans()
+            time.sleep(0.1)
+    _reap_orphans()
+
+
+def _reap_orphans() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def launch_directly(req: Request, host_cpus: list[int]) -> int:
     """Start every rank as a child process, without PMI: enough for programs that do not call
     MPI (Parsl's worker pool), where hydra is missing (inside the image)."""
-    procs = []
+    procs.become_subreaper()
+    ranks = []
     for env, cpus in rank_environments(req, host_cpus):
         command = ["taskset", "-c", cpus, *req.command] if cpus else req.command
         # Its own session and process group, as hydra gives each rank: an abort ends what the
         # rank started too.
-        procs.append(subprocess.Popen(command, env={**os.environ, **env},
+        ranks.append(subprocess.Popen(command, env={**os.environ, **env},
                                       start_new_session=True))
 
     def forward(sig, _frame):
-        _signal_groups([p.pid for p in procs if p.poll() is None], sig)
+        _signal_groups([p.pid for p in ranks if p.poll() is None], sig)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    return supervise(
-        lambda: all(p.poll() is not None for p in procs),
-        lambda: [exit_status(p.returncode) for p in procs if p.returncode is not None],
-        lambda: [p.pid for p in procs if p.poll() is None], req.abort_on_failure)
+    try:
+        return supervise(
+            lambda: all(p.poll() is not None for p in ranks),
+            lambda: [exit_status(p.returncode) for p in ranks if p.returncode is not None],
+            lambda: [p.pid for p in ranks if p.poll() is None], req.abort_on_failure)
+    finally:
+        end_what_is_left()
 
 
 def launch_with_hydra(req: Request, hydra_path: str, host_cpus: list[int]) -> int:
@@ -339,6 +375,7 @@ def launch_with_hydra(req: Request, hydra_path: str, host_cpus: list[int]) -> in
     turns that into an exit status): PALS's abort rule is applied here, from what each rank
     records in a status folder."""
     status = Path(tempfile.mkdtemp(prefix="fake-pals."))
+    procs.become_subreaper()
     try:
         hydra_proc = subprocess.Popen(hydra_command(req, hydra_path, host_cpus, str(status)))
 
@@ -365,6 +402,7 @@ def launch_with_hydra(req: Request, hydra_path: str, host_cpus: list[int]) -> in
         # hydra's own failure (it could not start a rank) leaves no status behind.
         return code or exit_status(hydra_proc.returncode)
     finally:
+        end_what_is_left()
         shutil.rmtree(status, ignore_errors=True)
 
 

@@ -48,3 +48,13 @@ def descendants(root: int) -> list[int]:
             out.append(c)
             todo.append(c)
     return out
+
+
+def become_subreaper() -> None:
+    """Inherit every orphan below this process (prctl PR_SET_CHILD_SUBREAPER): hydra's proxies
+    and ranks call setsid(), so a process whose parent died is found among our descendants
+    instead of under init."""
+    import ctypes
+
+    PR_SET_CHILD_SUBREAPER = 36
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)

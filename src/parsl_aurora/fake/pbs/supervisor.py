@@ -81,15 +81,6 @@ def start(job_id: str) -> None:
         os._exit(0)
 
 
-def _become_subreaper() -> None:
-    # hydra's proxies and ranks each call setsid(), escaping the job's process group; as a
-    # subreaper the supervisor inherits every orphan, so walking its descendants finds them all.
-    import ctypes
-
-    PR_SET_CHILD_SUBREAPER = 36
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
 def _reap(main: int, codes: dict[int, int]) -> None:
     while True:
         try:
@@ -183,7 +174,7 @@ def supervise(job_id: str) -> None:
     d = store.state_dir()
     os.chdir(d)  # hold no submitter folder open
     job = store.load(d, job_id)
-    _become_subreaper()
+    procs.become_subreaper()
     deleted = d / "jobs" / f"{job_id}.qdel"
     if deleted.exists():  # qdel'd while still queued: no Exit_status, as PBS
         store.finish(d, job, None, 91, "terminated")
