@@ -35,7 +35,8 @@ args = json.loads(sys.argv[1])
 def work(i, seconds, marks):
     import os, time
     from pathlib import Path
-    me = f"{i}.{os.getpid()}.{time.time_ns()}"
+    # The fake node a worker runs on, where the fake PALS says (PARSL_AURORA_HOST).
+    me = f"{i}.{os.getpid()}.{time.time_ns()}.{os.environ.get('PARSL_AURORA_HOST', '')}"
     Path(marks, "start-" + me).touch()
     hold = Path(marks).parent / "hold"  # holds tasks from its number on, while it exists
     while hold.exists() and i >= int(hold.read_text() or 0):
@@ -162,6 +163,9 @@ def test_one_killed_pool_of_a_two_node_block_ends_only_itself(cluster, request):
     one node's pool is killed (OOM, a bad node) the other node's tasks run on: they finish once,
     and only the lost ones run again."""
     flow = Flow(cluster, request, "multi_job", 24, 20, nodes_per_job=2, max_jobs=1)
+    # Every task waits after starting until the pool is killed: all 24 run at once, on both
+    # nodes, however long a loaded machine takes to start the second pool's workers.
+    cluster.write(flow.folder / "hold", "0")
     proc = flow.start()
     try:
         wait_for(lambda: len(flow.marked("start")) == 24, "24 tasks running on two nodes")
@@ -171,20 +175,24 @@ def test_one_killed_pool_of_a_two_node_block_ends_only_itself(cluster, request):
         hosts = {pid: _variable(pid, "PARSL_AURORA_HOST") for pid in pools}
         assert len(set(hosts.values())) == 2, hosts  # one pool on each node
         victim = max(pools)
-        workers = {p.pid for p in processes() if p.ppid == victim}
+        tree = "\n".join(f"{p.pid} {p.ppid} {p.cmdline[:100]}" for p in processes()
+                         if p.cwd.startswith(str(flow.folder)))
         os.kill(victim, signal.SIGKILL)
+        (flow.folder / "hold").unlink()
         result = finish(proc)
     finally:
         proc.kill()
     assert result["results"] == [i * i for i in range(24)]
-    starts: dict[int, list[int]] = {}
+    starts: dict[int, list[str]] = {}  # task -> the node of each of its starts, in order
     for marker in sorted(flow.marks.glob("start-*"), key=lambda m: int(m.name.split(".")[2])):
-        task, pid, _ = marker.name[len("start-"):].split(".")
-        starts.setdefault(int(task), []).append(int(pid))
-    lost = {t for t, pids in starts.items() if pids[0] in workers}
-    assert len(lost) == 12, starts  # the killed pool's twelve workers were all busy
+        task, _pid, _ns, host = marker.name[len("start-"):].split(".", 3)
+        starts.setdefault(int(task), []).append(host)
+    lost = {t for t, where in starts.items() if where[0] == hosts[victim]}
+    seen = f"killed {victim} on {hosts[victim]}; starts {starts}; processes:\n{tree}"
+    assert len(lost) == 12, seen  # the killed pool's twelve workers were all busy
     # The other node's tasks ran once; the lost ones once more, after the pool was missed.
-    assert {t: len(p) for t, p in starts.items()} == {t: 2 if t in lost else 1 for t in range(24)}
+    assert {t: len(p) for t, p in starts.items()} == {
+        t: 2 if t in lost else 1 for t in range(24)}, seen
     assert set(flow.marked("end")) == set(range(24)) and len(flow.marked("end")) == 24
     assert no_leftovers(flow.folder) == []
 
