@@ -229,7 +229,10 @@ def test_slowfs_delays_each_metadata_operation_by_its_latency_and_counts_it(benc
     # parent's), each delayed alike.
     seconds, m = _slowfs_counts(bench.slowfs, store, mnt, files, latency_ms, cache=False)
     ops = m.metadata() - empty.metadata()
-    assert ops >= 2 * n and latency_ms / 1000 <= seconds / ops < 2 * latency_ms / 1000
+    # The kernel may send some of a stat's requests at once, so the wall time bounds the
+    # operations from below only per stat: each waits at least one delayed operation.
+    assert ops >= 2 * n and seconds >= n * latency_ms / 1000, (seconds, m.counts)
+    assert seconds / ops < 2 * latency_ms / 1000, (seconds, m.counts)
 
 
 @pytest.mark.needs("fuse")
