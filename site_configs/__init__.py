@@ -25,6 +25,13 @@ def factory(site: str, mode: str):
     return getattr(importlib.import_module(f"site_configs.{site}"), mode)
 
 
+def machine(site: str):
+    """(Site, Node) of a site: what `parsl-aurora check` holds the machine to."""
+    if site not in SITES:
+        raise ConfigError("site", site, SITES, "pass --site or set PARSL_SITE to a known site")
+    return importlib.import_module(f"site_configs.{site}").machine()
+
+
 def options(site: str, mode: str) -> list[str]:
     """The keyword options a site's mode takes (including the shared ones from modes.py)."""
     import parsl_aurora.modes as m

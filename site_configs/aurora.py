@@ -68,3 +68,7 @@ def mpi_ensemble(*, node: Node = AURORA, **kwargs):
 def in_job(*, node: Node = AURORA, **kwargs):
     """Everything inside the current PBS job (HighThroughputExecutor + LocalProvider)."""
     return modes.build("in_job", SITE, node, **kwargs)
+
+
+def machine() -> tuple[Site, Node]:
+    return SITE, AURORA

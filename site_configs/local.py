@@ -89,3 +89,8 @@ def in_job(*, node: Node | None = None, nodefile: str | None = None, nodes: int 
         path.write_text(fake.nodefile_lines(nodes))
         nodefile = str(path)
     return modes.build("in_job", site(n), n, nodefile=nodefile, run_dir=run_dir, **kwargs)
+
+
+def machine() -> tuple[Site, Node]:
+    n = fake_node()
+    return site(n), n

@@ -59,3 +59,8 @@ def in_job(*, node: Node | None = None, **kwargs):
     """Everything inside the current real PBS job (run from examples/in_job.pbs)."""
     n = node or fake_node()
     return modes.build("in_job", site(n), n, **kwargs)
+
+
+def machine() -> tuple[Site, Node]:
+    n = fake_node()
+    return site(n), n

@@ -365,3 +365,57 @@ def test_keep_files_direct_writes_output_as_the_job_runs(cluster):
     cluster.write(d / "go", "")
     cluster.wait_state(job_id, "F")
     assert out.read_text() == "started\n" and (d / f"kept.e{seq}").read_text() == ""
+
+
+# What the look-alike's server prints for `qstat -Qf` (OpenPBS 23.06, .ci/install-openpbs.sh):
+# every attribute but the counts. The fake prints the ones it enforces (it does not enforce
+# per-project limits or max_run), each with the real value.
+LOOK_ALIKE_QUEUES = {
+    "workq": {"queue_type": "Execution"},
+    "debug": {"queue_type": "Execution", "max_queued": "[u:PBS_GENERIC=1]",
+              "resources_max.walltime": "01:00:00"},
+    "debug-scaling": {"queue_type": "Execution", "max_queued": "[u:PBS_GENERIC=1]",
+                      "resources_max.walltime": "01:00:00"},
+    "small": {"queue_type": "Execution", "max_queued": "[p:PBS_GENERIC=100]",
+              "from_route_only": "True", "resources_max.nodect": "1",
+              "resources_max.walltime": "12:00:00", "resources_min.nodect": "1",
+              "max_run": "[p:PBS_GENERIC=10]"},
+    "medium": {"queue_type": "Execution", "max_queued": "[p:PBS_GENERIC=100]",
+               "from_route_only": "True", "resources_max.nodect": "2",
+               "resources_max.walltime": "18:00:00", "resources_min.nodect": "2",
+               "max_run": "[p:PBS_GENERIC=10]"},
+    "capacity": {"queue_type": "Execution", "max_queued": "[u:PBS_GENERIC=5]",
+                 "resources_max.walltime": "168:00:00", "max_run": "[u:PBS_GENERIC=2]"},
+    "prod": {"queue_type": "Route", "resources_max.walltime": "24:00:00",
+             "route_destinations": "small,medium"},
+}
+COUNTS = {"total_jobs", "state_count", "enabled", "started"}
+
+
+def test_qstat_Q_lists_the_queues_and_their_limits(cluster):
+    """What `parsl-aurora check` reads to hold a site's queue table to the server."""
+    from parsl_aurora.selfcheck import parse_qstat_Qf
+
+    d = cluster.workdir()
+    table = cluster.run("qstat", "-Q", cwd=d)
+    assert table.returncode == 0, table.stderr
+    rows = table.stdout.splitlines()
+    assert rows[0].split() == ["Queue", "Max", "Tot", "Ena", "Str", "Que", "Run", "Hld", "Wat",
+                               "Trn", "Ext", "Type"]
+    assert [(r.split()[0], r.split()[-1]) for r in rows[2:]] == [
+        (q, a["queue_type"][:3] + "*") for q, a in LOOK_ALIKE_QUEUES.items()]
+    full = cluster.run("qstat", "-Qf", cwd=d)
+    assert full.returncode == 0, full.stderr
+    queues = parse_qstat_Qf(full.stdout)
+    assert list(queues) == list(LOOK_ALIKE_QUEUES)
+    for name, attrs in queues.items():
+        assert attrs["state_count"].startswith("Transit:"), attrs  # folded line joined
+        shown = {k: v for k, v in attrs.items() if k not in COUNTS}
+        expected = LOOK_ALIKE_QUEUES[name]
+        if cluster.kind == "real":
+            assert shown == expected, name
+        else:
+            assert shown.items() <= expected.items() and "queue_type" in shown, name
+    unknown = cluster.run("qstat", "-Qf", "nope", cwd=d)
+    assert (unknown.returncode, unknown.stdout, unknown.stderr) == (
+        170, "", "qstat: Unknown queue nope\n")

@@ -139,6 +139,19 @@ def cmd_cleanup(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    import os
+
+    import site_configs
+    from parsl_aurora import selfcheck
+
+    site, node = site_configs.machine(args.site or os.environ.get("PARSL_SITE") or "aurora")
+    checks = selfcheck.run(site, node, image=args.image, in_job=args.in_job, pools=args.pools)
+    sys.stdout.write(selfcheck.report(checks, selfcheck.COMPUTE if args.in_job
+                                      else selfcheck.LOGIN))
+    return 1 if any(c.ok is False for c in checks) else 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line with the fix, like every other error here.
 
@@ -218,6 +231,23 @@ def parser() -> argparse.ArgumentParser:
     cl.add_argument("--force", action="store_true",
                     help="delete even when the driver seems to run (on another login node)")
     cl.set_defaults(func=cmd_cleanup)
+    ck = sub.add_parser(
+        "check", help="check in a minute what the bundle assumes of this machine, and which "
+                      "routes work here",
+        description="Check, where it runs, each assumption the bundle makes: apptainer and an "
+                    "unprivileged mount of the image, what an image build needs, the "
+                    "interchange's interface and open-file limit, the driver's Python against "
+                    "the image's, the modules a block will load, the queue table against "
+                    "`qstat -Qf`, and with --in-job (inside a one-node job) PALS taking the "
+                    "launcher's lines; then which routes work. Exit 1 when a check fails.")
+    ck.add_argument("--site", default=None, help="aurora, local or pbs (default: $PARSL_SITE, "
+                                                 "else aurora)")
+    ck.add_argument("--image", default=None, metavar="SIF", help="the image workers would use")
+    ck.add_argument("--in-job", action="store_true",
+                    help="run inside a PBS job: also check PALS and the compute node's side")
+    ck.add_argument("--pools", type=int, default=2048, metavar="N",
+                    help="worker pools (nodes) one interchange should hold (default: 2048)")
+    ck.set_defaults(func=cmd_check)
     return p
 
 

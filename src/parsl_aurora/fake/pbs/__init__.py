@@ -54,17 +54,17 @@ class ServerQueue:
 
 
 # The queues of .ci/install-openpbs.sh's look-alike, which copy Aurora's limits (prod scaled to
-# its two nodes).
+# its two nodes), in the order it creates them (`qstat -Q` lists them so).
 QUEUES = {
     "workq": ServerQueue(),
     "debug": ServerQueue(max_walltime=3600, max_user_queued=1),
     "debug-scaling": ServerQueue(max_walltime=3600, max_user_queued=1),
-    "prod": ServerQueue(max_walltime=24 * 3600, routes_to=("small", "medium")),
     "small": ServerQueue(max_walltime=12 * 3600, min_nodes=1, max_nodes=1,
                          from_route_only=True),
     "medium": ServerQueue(max_walltime=18 * 3600, min_nodes=2, max_nodes=2,
                           from_route_only=True),
     "capacity": ServerQueue(max_walltime=168 * 3600, max_user_queued=5),
+    "prod": ServerQueue(max_walltime=24 * 3600, routes_to=("small", "medium")),
 }
 
 

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 from parsl_aurora.fake.pbs import (
+    QUEUES,
     RC_FINISHED,
     RC_ILLEGAL,
     RC_UNKNOWN_JOB,
+    RC_UNKNOWN_QUEUE,
     PBSError,
     render,
     store,
@@ -169,6 +171,13 @@ def parse_qstat(args: list[str]) -> tuple[set[str], list[str], list[str]]:
 
 def qstat(args: list[str]) -> tuple[str, str, int]:
     flags, ids, users = parse_qstat(args)
+    if "Q" in flags:
+        unknown = [q for q in ids if q not in QUEUES]
+        if unknown:
+            return "", f"qstat: Unknown queue {unknown[0]}\n", RC_UNKNOWN_QUEUE
+        table = {q: QUEUES[q] for q in ids} if ids else QUEUES
+        jobs = store.all_jobs(store.state_dir())
+        return render.queues(table, jobs, "f" in flags), "", 0
     if users:
         if "json" in flags:  # -u is for listings; PBS refuses it with JSON
             return "", "qstat: conflicting options.\n", 2

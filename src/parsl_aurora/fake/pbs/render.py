@@ -126,3 +126,51 @@ def alternate(jobs: list[dict], now: float | None = None) -> str:
 def _right(value: str, width: int) -> str:
     # PBS prints an absent value, `--`, one column short of the field's right edge.
     return f"{value:>{width - 1}} " if value == "--" else f"{value:>{width}}"
+
+
+def queue_attributes(queue) -> list[tuple[str, str]]:
+    """A queue's `qstat -Qf` attributes the fake enforces, in PBS's order (a ServerQueue)."""
+    out = [("queue_type", "Route" if queue.routes_to else "Execution")]
+    if queue.max_user_queued is not None:
+        out.append(("max_queued", f"[u:PBS_GENERIC={queue.max_user_queued}]"))
+    if queue.from_route_only:
+        out.append(("from_route_only", "True"))
+    if queue.max_nodes is not None:
+        out.append(("resources_max.nodect", str(queue.max_nodes)))
+    if queue.max_walltime is not None:
+        out.append(("resources_max.walltime", _hms(queue.max_walltime)))
+    if queue.min_nodes is not None:
+        out.append(("resources_min.nodect", str(queue.min_nodes)))
+    if queue.routes_to:
+        out.append(("route_destinations", ",".join(queue.routes_to)))
+    return out
+
+
+def queues(table: dict, jobs: list[dict], full: bool) -> str:
+    """`qstat -Q` (a table) or `qstat -Qf` (attributes, with state_count folded at 80 columns
+    as PBS folds it) for the queues of `table` (name -> ServerQueue), in its order."""
+    states = "TQHWREB"
+    lines = []
+    if not full:
+        lines += ["Queue              Max   Tot Ena Str   Que   Run   Hld   Wat   Trn   Ext Type",
+                  "---------------- ----- ----- --- --- ----- ----- ----- ----- ----- ----- ----"]
+    for name, queue in table.items():
+        mine = [j["state"] for j in jobs if j["queue"] == name and j["state"] != "F"]
+        count = {s: mine.count(s) for s in states}
+        kind = "Route" if queue.routes_to else "Execution"
+        if not full:
+            lines.append(f"{name:<16} {0:>5} {len(mine):>5} yes yes {count['Q']:>5} "
+                         f"{count['R']:>5} {count['H']:>5} {count['W']:>5} {count['T']:>5} "
+                         f"{count['E']:>5} {kind[:3]}*")
+            continue
+        attrs = queue_attributes(queue)
+        lines += [f"Queue: {name}", f"    {attrs[0][0]} = {attrs[0][1]}",
+                  f"    total_jobs = {len(mine)}",
+                  "    state_count = " + " ".join(
+                      f"{word}:{count[s]}" for word, s in zip(
+                          ("Transit", "Queued", "Held", "Waiting", "Running", "Exiting"),
+                          "TQHWRE")) + " Begun",
+                  f"\t:{count['B']} "]
+        lines += [f"    {k} = {v}" for k, v in attrs[1:]]
+        lines += ["    enabled = True", "    started = True", ""]
+    return "\n".join(lines) + "\n"
