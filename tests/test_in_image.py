@@ -223,3 +223,68 @@ def test_in_job_pbs_runs_the_driver_in_the_image(image_for_nobody, tmp_path):
     out, err = (d / f"parsl_in_job.o{seq}").read_text(), (d / f"parsl_in_job.e{seq}").read_text()
     assert record["Exit_status"] == 0, out[-2000:] + err[-2000:]
     assert "12 python tasks on 12 distinct tiles" in out
+
+
+ROUTE_B = """
+import json, sys, time
+from pathlib import Path
+import parsl, site_configs
+from parsl import python_app
+
+@python_app
+def where(i, marks, tasks):
+    import os, sys, time
+    from pathlib import Path
+    Path(marks, str(i)).touch()
+    # Every task running at once: 24 tasks need both nodes' 12 workers.
+    for _ in range(3000):
+        if len(os.listdir(marks)) >= tasks:
+            break
+        time.sleep(0.1)
+    return (os.environ.get("PARSL_AURORA_HOST", ""), os.environ.get("APPTAINER_CONTAINER", ""),
+            "%d.%d" % sys.version_info[:2])
+
+args = json.loads(sys.argv[1])
+with parsl.load(site_configs.load(args["site"], "multi_job", container=args["image"],
+                                  nodes_per_job=2, queue="debug")):
+    futures = [where(i, args["marks"], 24) for i in range(24)]
+    print(json.dumps([f.result() for f in futures]))
+"""
+
+
+def test_route_b_a_venv_driver_with_workers_in_the_image_on_two_nodes(cluster, request,
+                                                                      image_for_nobody):
+    """The login-node route with the image: the driver runs from a venv whose Python is the
+    image's, its workers in the image on both nodes of a 2-node job."""
+    d = cluster.workdir("routeb")
+    marks = d / "marks"
+    marks.mkdir()
+    if cluster.runas:
+        shutil.chown(marks, cluster.user, cluster.user)
+    cluster.write(d / "flow.py", ROUTE_B)
+    exe = (sys.executable if cluster.kind == "fake"
+           else str(request.getfixturevalue("user_venv") / "bin" / "python"))
+    site = {"fake": "local", "real": "pbs"}[cluster.kind]
+    out = cluster.run(exe, "flow.py", json.dumps({"site": site, "image": str(image_for_nobody),
+                                                  "marks": str(marks)}),
+                      cwd=d, env={"PATH": f"{Path(exe).parent}:{cluster.env['PATH']}"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.splitlines()[-1])
+    assert len(found) == 24 and len({host for host, _, _ in found}) == 2, found
+    python = "{}.{}".format(*sys.version_info[:2]) if cluster.kind == "fake" else None
+    assert {(image, py) for _, image, py in found} == {
+        (str(image_for_nobody), python or found[0][2])}, found
+
+
+def test_the_bridge_refuses_an_image_that_does_not_run_here(tmp_path):
+    """Route (d) is opt-in: before serving PBS to `apptainer exec IMAGE ...` the bridge checks
+    that the image runs on this node, and refuses in one line before the command runs."""
+    bogus = tmp_path / "aurora.sif"
+    bogus.write_text("not an image\n")
+    ran = tmp_path / "ran"
+    out = subprocess.run([str(Path(sys.executable).parent / "parsl-aurora"), "pbs-bridge", "--",
+                          "apptainer", "exec", str(bogus), "touch", str(ran)],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 2 and not ran.exists(), out
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert "expected an image that runs on this node" in out.stderr

@@ -121,7 +121,29 @@ def cmd_pbs_bridge(args) -> int:
     if not command:
         raise ConfigError("command", None, "the command to run with PBS reachable",
                           f"write it after --, e.g. `{HOW}`")
+    _image_runs_here(command)
     return run_bridged(command)
+
+
+def _image_runs_here(command: list[str]) -> None:
+    """The driver in the image on a login node is opt-in: ALCF runs containers on compute
+    nodes only. Before serving PBS to `apptainer exec IMAGE ...`, check that the image runs
+    here at all, and refuse in one line if not."""
+    import shutil
+    from pathlib import Path
+
+    from parsl_aurora import selfcheck
+
+    if Path(command[0]).name != "apptainer" or command[1:2] != ["exec"]:
+        return
+    image = next((w for w in command[2:] if w.endswith(".sif") or Path(w).is_file()), None)
+    exe = shutil.which(command[0])
+    check = selfcheck.image_mounts(image, exe, selfcheck.LOGIN)
+    if check.ok is False:
+        raise ConfigError("command", " ".join(command[:4]), "an image that runs on this node",
+                          f"{check.detail}. ALCF runs containers on compute nodes only: run the "
+                          "driver from a venv (docs/aurora.md, routes), or here only where "
+                          "`parsl-aurora check --image IMAGE` says route (d) works")
 
 
 def cmd_status(args) -> int:
