@@ -161,3 +161,19 @@ def test_routes_follow_the_checks():
     assert login["c"][1].startswith("not checked here")
     bad = selfcheck.verdicts(checks(python_vs_image=True), selfcheck.LOGIN)
     assert bad["b"][1] == "fails: python vs image" and bad["a"][1] == "works"
+
+
+def test_a_module_whose_parsl_shadows_the_bundles_fails(tmp_path):
+    """A module that puts another Parsl on PYTHONPATH (as the PE's py-parsl would) shadows the
+    bundle's in every block: Lmod loads it for real and the check says so."""
+    shadow = tmp_path / "pe" / "parsl"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("__version__ = '2024.1.1'\n")
+    modulefiles = tmp_path / "modulefiles" / "py-parsl"
+    modulefiles.mkdir(parents=True)
+    (modulefiles / "2024.1.1.lua").write_text(
+        f'prepend_path("PYTHONPATH", "{shadow.parent}")\n')
+    env = {**os.environ, "MODULEPATH": str(modulefiles.parent), "LOADEDMODULES": ""}
+    assert selfcheck.modules(env).ok is True
+    check = selfcheck.modules({**env, "LOADEDMODULES": "py-parsl/2024.1.1"})
+    assert check.ok is False and "imports parsl 2024.1.1" in check.detail, check

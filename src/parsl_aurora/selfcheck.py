@@ -55,6 +55,15 @@ def _last(text: str) -> str:
     return lines[-1].strip() if lines else "(no output)"
 
 
+def _gist(text: str) -> str:
+    """A failed command's telling line: Lmod, for one, ends its error with advice."""
+    lines = [s.strip() for s in text.splitlines() if s.strip()]
+    for i, line in enumerate(lines):
+        if "error" in line.lower() or "unknown" in line.lower():
+            return " ".join(lines[i:i + 2])
+    return _last(text)
+
+
 # ---------------------------------------------------------------- the checks
 def apptainer(where: str) -> tuple[Check, str | None]:
     """apptainer on PATH, else after `module load apptainer` (how Aurora's compute nodes have
@@ -156,16 +165,31 @@ def module_lines(loaded: str) -> list[str]:
 
 
 def modules(env: Mapping[str, str]) -> Check:
-    """The modules a block will load: those loaded here, each loadable in a fresh shell."""
+    """The modules a block will load (those loaded here) load in a fresh shell, and after them
+    and this environment's activation the block's Python imports this driver's Parsl: a
+    module's PYTHONPATH (the PE's own py-parsl, say) must not shadow it."""
+    import parsl
+
     lines = module_lines(env.get("LOADEDMODULES", ""))
-    if not lines:
-        return Check("modules", True, "none loaded: blocks load none")
-    rc, out = _run("\n".join(["set -e", *lines]), env=env)
-    if rc == 0:
-        return Check("modules", True, f"blocks will load: {lines[-1].removeprefix('module load ')}")
-    return Check("modules", False, f"`{lines[-1]}` in a fresh shell: {_last(out)}",
-                 "load them again (`module load ...`) and check `module list`, or unload the "
-                 "ones that fail before starting the driver")
+    probe = "python3 -c 'import parsl; print(parsl.__version__, parsl.__file__)'"
+    rc, out = _run("\n".join(["set -e", *lines, modes.driver_environment(), probe]), env=env)
+    loaded = lines[-1].removeprefix("module load ") if lines else "none"
+    if rc != 0:
+        return Check("modules", False, f"loading {loaded} and this environment in a fresh "
+                     f"shell: {_gist(out)}",
+                     "load them again (`module load ...`) and check `module list`, or unload "
+                     "the ones that fail, before starting the driver")
+    got = _last(out).split()
+    prefix = Path(sys.prefix).resolve()
+    if len(got) != 2 or got[0] != parsl.__version__ or prefix not in Path(got[1]).resolve(
+            ).parents:
+        return Check("modules", False, f"after loading {loaded} and this environment, a "
+                     f"block's python3 imports parsl {' '.join(got)}, not this environment's "
+                     f"(under {prefix})",
+                     "unset the PYTHONPATH that puts another Parsl first (a module's, e.g. the "
+                     "PE's py-parsl: unload it), so blocks import the bundle's")
+    return Check("modules", True, f"blocks load {loaded}, then this environment, and import "
+                 f"its parsl {got[0]}")
 
 
 def pals(site: Site, node: Node, env: Mapping[str, str]) -> Check:
