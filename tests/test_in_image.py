@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -223,3 +224,106 @@ def test_in_job_pbs_runs_the_driver_in_the_image(image_for_nobody, tmp_path):
     out, err = (d / f"parsl_in_job.o{seq}").read_text(), (d / f"parsl_in_job.e{seq}").read_text()
     assert record["Exit_status"] == 0, out[-2000:] + err[-2000:]
     assert "12 python tasks on 12 distinct tiles" in out
+
+
+# ---------------------------------------------------------------- in_job: blocks on the host
+HOST_CLIENT = """
+import os, sys, time
+from pathlib import Path
+from parsl.launchers import SimpleLauncher
+from parsl_aurora import bridge
+
+folder = bridge.host_channel()
+provider = bridge.host_local_provider(folder, launcher=SimpleLauncher())
+provider.script_dir = os.getcwd()
+# Apptainer sets APPTAINER_CONTAINER in the container: the block says where it runs.
+job = provider.submit("echo ${APPTAINER_CONTAINER:-host} > where.txt; exec sleep 300", 1)
+while not Path("where.txt").exists():
+    time.sleep(0.05)
+alive_while_running = provider._is_alive(provider.resources[job])
+provider.cancel([job])
+end = time.monotonic() + 120  # only stops a hang when the cancel does not land
+while provider.status([job])[0].state.name == "RUNNING" and time.monotonic() < end:
+    time.sleep(0.05)
+foreign = bridge.host_request(folder, "cancel", "1")
+missing = bridge.host_request(folder, "submit", "/nonexistent/block.sh")
+print(alive_while_running, provider._is_alive(provider.resources[job]),
+      provider.status([job])[0].state.name, os.environ["APPTAINER_CONTAINER"], foreign, missing,
+      sep="\\n")
+"""
+
+
+def test_in_job_blocks_from_a_driver_in_the_image_start_on_the_host(built_image, tmp_path):
+    """The job host's launcher (carried by the image, run by bash on the host) starts the block
+    a driver in the image hands it outside the container, says whether it runs, cancels it,
+    and refuses a missing script and a process it did not start."""
+    host = tmp_path / "host.sh"
+    with host.open("w") as f:
+        subprocess.run(["apptainer", "exec", str(built_image), "parsl-aurora", "host-launcher"],
+                       stdout=f, check=True)
+    (tmp_path / "client.py").write_text(HOST_CLIENT)
+    out = subprocess.run(["bash", str(host), str(built_image), "python3", "client.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    alive, after, state, driver_in, foreign, missing = out.stdout.splitlines()
+    assert (alive, after, state) == ("True", "False", "CANCELLED")
+    assert driver_in == str(built_image)  # the driver ran in the image, its block outside
+    assert (tmp_path / "where.txt").read_text() == "host\n"
+    assert foreign == "error: no block 1 started here"
+    assert missing == "error: not a block script of this user: /nonexistent/block.sh"
+    # The host wrote the block's files beside its script, as Parsl's LocalProvider does.
+    assert [p.read_text() for p in tmp_path.glob("*.sh.ec")] == ["-\n"]
+
+
+def test_an_in_job_driver_in_the_image_without_the_host_launcher_is_refused(built_image,
+                                                                            tmp_path):
+    """PARSL_SITE=pbs (a real PBS) in_job in the image, outside in_job.pbs's launcher: one line
+    naming the launcher before any block starts."""
+    shutil.copy(ROOT / "examples" / "workflow.py", tmp_path)
+    (tmp_path / "nodes").write_text("x4102c0s0b0n0\n")
+    out = subprocess.run(["apptainer", "exec", str(built_image), "python", "workflow.py"],
+                         cwd=tmp_path,
+                         env={**os.environ, "PARSL_SITE": "pbs", "PARSL_MODE": "in_job",
+                              "PBS_NODEFILE": str(tmp_path / "nodes")},
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "PARSL_AURORA_HOST_LAUNCH=None is not valid" in out.stderr
+    assert "parsl-aurora host-launcher" in out.stderr
+    assert not (tmp_path / "runinfo").exists()
+
+
+@pytest.mark.needs("pbs", "fuse")
+def test_in_job_pbs_with_the_image_on_real_pbs_starts_pools_on_the_host(image_for_nobody,
+                                                                        real_pbs, user_venv):
+    """Route (c) on the real-PBS look-alike as its unprivileged user: `qsub -v
+    PARSL_AURORA_IMAGE=... examples/in_job.pbs` runs the driver in the image, the job's host
+    starts the block (the host's PALS, here the fake one outside the image, one pool per node,
+    each in the image), and every task completes."""
+    d = real_pbs.workdir("injob-image")
+    shutil.copytree(ROOT / "examples", d / "examples")
+    shutil.chown(d / "examples", real_pbs.user, real_pbs.user)
+    pals = next(user_venv.glob("lib/python3*/site-packages/parsl_aurora/fake/bin"))
+    # The host's PALS: the fake one in the test user's venv, which the image cannot see.
+    env = {"PARSL_SITE": "pbs", "PARSL_AURORA_IMAGE": str(image_for_nobody),
+           "PARSL_AURORA_PALS_BIN": str(pals),
+           "PARSL_AURORA_PYTHON": str(user_venv / "bin" / "python"),
+           "PARSL_AURORA_HYDRA": str(user_venv / "bin" / "mpiexec.hydra")}
+    job = real_pbs.run("qsub", "-A", "fake", "-v", ",".join(f"{k}={v}" for k, v in env.items()),
+                       "examples/in_job.pbs", cwd=d)
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip()
+    record = real_pbs.wait_state(job_id, "F", limit=600)
+    seq = job_id.split(".")[0]
+    out, err = (d / f"parsl_in_job.o{seq}").read_text(), (d / f"parsl_in_job.e{seq}").read_text()
+    assert record["Exit_status"] == 0, out[-2000:] + err[-2000:]
+    assert "12 python tasks on 12 distinct tiles" in out
+    assert "hello-affinity exit codes [0]" in out
+    # One block, started on the host by its launcher (its files beside the script), whose
+    # mpiexec started a pool on each of the job's two nodes, in the image.
+    script = next((d / "runinfo").glob("*/submit_scripts/parsl.htex_tiles.block-0.*.sh"))
+    assert f"apptainer exec {image_for_nobody} " in script.read_text()
+    assert Path(f"{script}.ec").read_text() == "-\n"  # cancelled by the driver at its end
+    nodes = next((d / "runinfo").glob("*.nodes")).read_text().split()
+    assert len(nodes) == 2 and len(set(nodes)) == 2
+    log = next((d / "runinfo").glob("*/htex_tiles/interchange.log")).read_text()
+    assert len(set(re.findall(r"Registration info for manager b?'([0-9a-f]+)'", log))) == 2

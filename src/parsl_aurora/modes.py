@@ -720,11 +720,20 @@ def in_job(site: Site, node: Node, *, nodefile: str | None = None, worker_init: 
         worker_init = "\n".join(s for s in (
             f"export PBS_NODEFILE={shlex.quote(str(Path(nodefile).resolve()))}", worker_init)
             if s)
+    provider_class = LocalProvider
+    if site.real_pbs and in_image():
+        # PALS's mpiexec and apptainer are the host's: the job script on the host starts the
+        # block the driver in the image hands it (bridge.host_local_provider).
+        from functools import partial
+
+        from parsl_aurora import bridge
+
+        provider_class = partial(bridge.host_local_provider, bridge.host_channel())
     block = _block(site, node, "in_job", worker_init=worker_init, run_dir=run_dir,
                    container=container, binds=binds, interface=interface, address=address,
                    hierarchy=hierarchy, activate=activate, stage_image=stage_image)
     _prepare(site, run_dir)
-    provider = LocalProvider(
+    provider = provider_class(
         nodes_per_block=len(set(hosts)),
         launcher=MpiExecLauncher(**POOL_MPIEXEC),
         init_blocks=1,
