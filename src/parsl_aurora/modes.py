@@ -358,7 +358,8 @@ def _block(site: Site, node: Node, mode: str, *, worker_init: str, run_dir: str,
     lines += [f"cd {shlex.quote(str(run_path))}", worker_init]
     if image:
         # After the user's lines: the binds and library path follow what they load (modules).
-        lines.append(ctr.block_setup(site.container_host, [str(run_path), str(here), *binds]))
+        lines.append(ctr.block_setup(site.container_host, [str(run_path), str(here), *binds],
+                                     image))
     command = f"{GUARD} {DEFAULT_LAUNCH_CMD}"
     if image:
         command = _in_image(command, image, stage_image)
