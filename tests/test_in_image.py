@@ -247,30 +247,39 @@ while provider.status([job])[0].state.name == "RUNNING" and time.monotonic() < e
     time.sleep(0.05)
 foreign = bridge.host_request(folder, "cancel", "1")
 missing = bridge.host_request(folder, "submit", "/nonexistent/block.sh")
+theirs = bridge.host_request(folder, "submit", sys.argv[1]) if len(sys.argv) > 1 else "-"
 print(alive_while_running, provider._is_alive(provider.resources[job]),
       provider.status([job])[0].state.name, os.environ["APPTAINER_CONTAINER"], foreign, missing,
-      sep="\\n")
+      theirs, sep="\\n")
 """
 
 
 def test_in_job_blocks_from_a_driver_in_the_image_start_on_the_host(built_image, tmp_path):
     """The job host's launcher (carried by the image, run by bash on the host) starts the block
     a driver in the image hands it outside the container, says whether it runs, cancels it,
-    and refuses a missing script and a process it did not start."""
+    and refuses a missing script, another user's script and a process it did not start."""
     host = tmp_path / "host.sh"
     with host.open("w") as f:
         subprocess.run(["apptainer", "exec", str(built_image), "parsl-aurora", "host-launcher"],
                        stdout=f, check=True)
     (tmp_path / "client.py").write_text(HOST_CLIENT)
-    out = subprocess.run(["bash", str(host), str(built_image), "python3", "client.py"],
+    theirs = []
+    if os.geteuid() == 0:  # a script someone else owns, in a folder the user can write
+        (tmp_path / "theirs.sh").write_text("touch ran-theirs\n")
+        shutil.chown(tmp_path / "theirs.sh", "nobody")
+        theirs = [str(tmp_path / "theirs.sh")]
+    out = subprocess.run(["bash", str(host), str(built_image), "python3", "client.py", *theirs],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
-    alive, after, state, driver_in, foreign, missing = out.stdout.splitlines()
+    alive, after, state, driver_in, foreign, missing, other = out.stdout.splitlines()
     assert (alive, after, state) == ("True", "False", "CANCELLED")
     assert driver_in == str(built_image)  # the driver ran in the image, its block outside
     assert (tmp_path / "where.txt").read_text() == "host\n"
     assert foreign == "error: no block 1 started here"
     assert missing == "error: not a block script of this user: /nonexistent/block.sh"
+    if theirs:
+        assert other == f"error: not a block script of this user: {theirs[0]}"
+        assert not (tmp_path / "ran-theirs").exists()
     # The host wrote the block's files beside its script, as Parsl's LocalProvider does.
     assert [p.read_text() for p in tmp_path.glob("*.sh.ec")] == ["-\n"]
 
