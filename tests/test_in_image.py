@@ -301,15 +301,42 @@ def test_an_in_job_driver_in_the_image_without_the_host_launcher_is_refused(buil
     assert not (tmp_path / "runinfo").exists()
 
 
+# In place of examples/workflow.py: 24 tasks, each held until all 24 run, so every worker of
+# both nodes' pools (12 each) runs one; each says its fake node and whether it is in the image.
+BOTH_NODES_FLOW = """
+from pathlib import Path
+import parsl
+from parsl import python_app
+import site_configs
+
+@python_app
+def where(meeting, n):
+    import os, time
+    from pathlib import Path
+    Path(meeting, str(os.getpid())).touch()
+    while len(os.listdir(meeting)) < n:
+        time.sleep(0.05)
+    return os.environ["PARSL_AURORA_HOST"], os.path.isdir("/.singularity.d")
+
+if __name__ == "__main__":
+    meeting = Path.cwd() / "meeting"
+    meeting.mkdir()
+    with parsl.load(site_configs.load()):
+        done = [f.result() for f in [where(str(meeting), 24) for _ in range(24)]]
+    print(len(done), "tasks on", sorted(set(done)))
+"""
+
+
 @pytest.mark.needs("pbs", "fuse")
 def test_in_job_pbs_with_the_image_on_real_pbs_starts_pools_on_the_host(image_for_nobody,
                                                                         real_pbs, user_venv):
     """Route (c) on the real-PBS look-alike as its unprivileged user: `qsub -v
     PARSL_AURORA_IMAGE=... examples/in_job.pbs` runs the driver in the image, the job's host
     starts the block (the host's PALS, here the fake one outside the image, one pool per node,
-    each in the image), and every task completes."""
+    each in the image), and all tasks complete, on both nodes."""
     d = real_pbs.workdir("injob-image")
     shutil.copytree(ROOT / "examples", d / "examples")
+    real_pbs.write(d / "examples" / "workflow.py", BOTH_NODES_FLOW)
     shutil.chown(d / "examples", real_pbs.user, real_pbs.user)
     pals = next(user_venv.glob("lib/python3*/site-packages/parsl_aurora/fake/bin"))
     # The host's PALS: the fake one in the test user's venv, which the image cannot see.
@@ -325,8 +352,9 @@ def test_in_job_pbs_with_the_image_on_real_pbs_starts_pools_on_the_host(image_fo
     seq = job_id.split(".")[0]
     out, err = (d / f"parsl_in_job.o{seq}").read_text(), (d / f"parsl_in_job.e{seq}").read_text()
     assert record["Exit_status"] == 0, out[-2000:] + err[-2000:]
-    assert "12 python tasks on 12 distinct tiles" in out
-    assert "hello-affinity exit codes [0]" in out
+    nodes = [(f"{h}.hostmgmt2102.cm.aurora.alcf.anl.gov", True) for h in ("x4102c0s0b0n0",
+                                                                         "x4102c0s1b0n0")]
+    assert f"24 tasks on {nodes}" in out, out
     # One block, started on the host by its launcher (its files beside the script), whose
     # mpiexec started a pool on each of the job's two nodes, in the image.
     script = next((d / "runinfo").glob("*/submit_scripts/parsl.htex_tiles.block-0.*.sh"))
