@@ -730,6 +730,11 @@ def in_job(site: Site, node: Node, *, nodefile: str | None = None, worker_init: 
         from parsl_aurora import bridge
 
         provider_class = partial(bridge.host_local_provider, bridge.host_channel())
+        scripts = str(Path(run_dir).resolve())
+        if not set(scripts) <= bridge.SAFE:
+            raise ConfigError("run_dir", scripts, "a path of letters, digits and _./+:=- (the "
+                              "host's launcher reads the block scripts' paths without a shell)",
+                              "run the workflow from such a folder, or pass run_dir= one")
     block = _block(site, node, "in_job", worker_init=worker_init, run_dir=run_dir,
                    container=container, binds=binds, interface=interface, address=address,
                    hierarchy=hierarchy, activate=activate, stage_image=stage_image)
