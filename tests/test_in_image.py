@@ -371,7 +371,7 @@ MPI_FROM_IMAGE_FLOW = """
 import sys
 import parsl
 from parsl import bash_app
-from site_configs import local
+import site_configs
 
 @bash_app
 def ranks(parsl_resource_specification, wrap, stdout):
@@ -380,27 +380,35 @@ def ranks(parsl_resource_specification, wrap, stdout):
 
 if __name__ == "__main__":
     spec = {"num_nodes": 2, "ranks_per_node": 2, "num_ranks": 4}
-    with parsl.load(local.mpi_ensemble(container=sys.argv[1], nodes_per_job=2)):
+    with parsl.load(site_configs.load(container=sys.argv[1], nodes_per_job=2)):
         ranks(parsl_resource_specification=spec, wrap=True, stdout="wrapped.out").result()
         ranks(parsl_resource_specification=spec, wrap=False, stdout="bare.out").result()
 """
 
 
-def test_mpi_ranks_from_a_worker_in_the_image_start_on_the_host(built_image, tmp_path):
+@pytest.mark.needs("fuse")
+def test_mpi_ranks_from_a_worker_in_the_image_start_on_the_host(cluster, request,
+                                                                image_for_nobody):
     """A worker in the image calls `mpiexec` (the host's, bound in): as with Aurora's PALS the
     ranks start on the host, outside the container (no /.singularity.d); wrapped in
-    `$PARSL_AURORA_IMAGE_EXEC` they run the image's Python."""
-    (tmp_path / "flow.py").write_text(MPI_FROM_IMAGE_FLOW)
-    (tmp_path / "probe.py").write_text(
-        'import os, sys\nprint(os.environ["PMI_RANK"], sys.prefix, os.path.isdir("/.singularity.d"))\n')
-    out = subprocess.run([sys.executable, "flow.py", str(built_image)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=900, check=False)
+    `$PARSL_AURORA_IMAGE_EXEC` they run the image's Python. On the fake PBS and, as its
+    unprivileged user, on the real one."""
+    d = cluster.workdir("mpi-image")
+    cluster.write(d / "flow.py", MPI_FROM_IMAGE_FLOW)
+    cluster.write(d / "probe.py", 'import os, sys\nprint(os.environ["PMI_RANK"], sys.prefix, '
+                                  'os.path.isdir("/.singularity.d"))\n')
+    exe = (sys.executable if cluster.kind == "fake"
+           else str(request.getfixturevalue("user_venv") / "bin" / "python"))
+    env = {"PARSL_SITE": {"fake": "local", "real": "pbs"}[cluster.kind],
+           "PARSL_MODE": "mpi_ensemble", "PATH": f"{Path(exe).parent}:{cluster.env['PATH']}"}
+    out = cluster.run(exe, "flow.py", str(image_for_nobody), cwd=d, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     image_prefix = subprocess.run(
-        ["apptainer", "exec", str(built_image), "python3", "-c", "import sys; print(sys.prefix)"],
-        capture_output=True, text=True, check=True).stdout.strip()
-    wrapped = sorted(x.split() for x in (tmp_path / "wrapped.out").read_text().splitlines())
+        ["apptainer", "exec", str(image_for_nobody), "python3", "-c",
+         "import sys; print(sys.prefix)"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    wrapped = sorted(x.split() for x in (d / "wrapped.out").read_text().splitlines())
     assert wrapped == [[str(r), image_prefix, "True"] for r in range(4)]
-    bare = sorted(x.split() for x in (tmp_path / "bare.out").read_text().splitlines())
+    bare = sorted(x.split() for x in (d / "bare.out").read_text().splitlines())
     assert [r for r, _, inside in bare] == ["0", "1", "2", "3"]
     assert {(prefix == image_prefix, inside) for _, prefix, inside in bare} == {(False, "False")}
