@@ -41,8 +41,14 @@ def _cores_per_worker(n: Node) -> int | None:
 
 
 # Workers in the image on the fake cluster: the fake PALS found on the host runs there with
-# the image's Python, and without MPICH's hydra (the image has none) it starts ranks itself.
-FAKE_STACK = HostStack(env=(("PARSL_AURORA_PYTHON", "python3"), ("PARSL_AURORA_HYDRA", "")))
+# the image's Python and hands each launch to a fake PALS daemon the block starts on the host,
+# which starts the ranks there, outside the image, as Aurora's PALS does.
+FAKE_PALSD = (
+    'export APPTAINERENV_PARSL_AURORA_PALSD="@parsl-aurora-palsd.$(mktemp -u XXXXXXXXXX)"\n'
+    '"${PARSL_AURORA_PYTHON:-python3}" -m parsl_aurora.fake.palsd '
+    '"$APPTAINERENV_PARSL_AURORA_PALSD" &')
+FAKE_STACK = HostStack(env=(("PARSL_AURORA_PYTHON", "python3"), ("PARSL_AURORA_HYDRA", "")),
+                       init=FAKE_PALSD)
 
 
 def site(n: Node) -> Site:

@@ -11,11 +11,17 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from dataclasses import replace
 
 from parsl_aurora import fake, modes
 from parsl_aurora.modes import Site
 from parsl_aurora.topology import AURORA, Node
 from site_configs.local import FAKE_STACK, QUEUES, _cores_per_worker, fake_node
+
+# The look-alike's MoMs keep their job files (a job's $PBS_NODEFILE, which MPI mode reads in
+# the pool) here (.ci/install-openpbs.sh's MOM_HOME_BASE), where Aurora's are in /var/spool/pbs.
+MOM_HOMES = "/var/spool/pbs-moms"
+STACK = replace(FAKE_STACK, binds=(MOM_HOMES,))
 
 
 def site(n: Node) -> Site:
@@ -33,7 +39,7 @@ def site(n: Node) -> Site:
         # PBS's per-job TMPDIR is too long for the pool's AF_UNIX sockets (Parsl #3947).
         worker_init="\n".join(["export TMPDIR=/tmp", f"export PATH={shlex.quote(pals_bin)}:$PATH",
                                *(f"export {k}={shlex.quote(v)}" for k, v in pals.items())]),
-        container_host=FAKE_STACK,
+        container_host=STACK,
         interface="lo",
         real_pbs=True,
         # Real PBS notices walltime every 1-5 s here and qstat is cheap on one machine.

@@ -156,7 +156,14 @@ class Shell:
 def _copy_checkout(dest: Path, image: Path | None) -> None:
     """The working tree as git sees it (tracked and new files, not ignored ones), with its
     .git: `make image` records the commit, and so finds the copied image up to date."""
-    shutil.copytree(ROOT / ".git", dest / ".git", symlinks=True)
+    if (ROOT / ".git").is_dir():
+        shutil.copytree(ROOT / ".git", dest / ".git", symlinks=True)
+    else:  # a git worktree, whose .git file names a folder of the main repository's
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        subprocess.run(["git", "clone", "-q", "--no-checkout", "--shared", str(ROOT), str(dest)],
+                       check=True)
+        subprocess.run(["git", "reset", "-q", head], cwd=dest, check=True)
     names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, names):

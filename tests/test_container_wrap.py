@@ -152,25 +152,29 @@ export APPTAINERENV_LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/host/
 
 def test_block_setup_binds_what_the_node_has(tmp_path):
     """Run on a host tree where only some of the site's paths exist: those are bound, the
-    host's mpiexec goes first on the image's PATH, host libraries after the node's own."""
+    host's mpiexec goes first on the image's PATH, host libraries after the node's own; apps
+    get the host's apptainer (by its full path) with the same binds around the image."""
     (tmp_path / "opt" / "aurora").mkdir(parents=True)
     (tmp_path / "lib64").mkdir()
     pals = tmp_path / "pals" / "bin"
     pals.mkdir(parents=True)
-    (pals / "mpiexec").write_text("#!/bin/sh\n")
-    (pals / "mpiexec").chmod(0o755)
+    for program in ("mpiexec", "apptainer"):  # found on PATH, never run
+        (pals / program).write_text("#!/bin/sh\n")
+        (pals / program).chmod(0o755)
     stack = HostStack(binds=(f"{tmp_path}/opt/aurora", f"{tmp_path}/missing",
                              f"{tmp_path}/lib64:/host/lib64"), library_dirs=("/host/lib64",),
                       env=(("ZE_FLAT_DEVICE_HIERARCHY", "FLAT"),))
-    script = (block_setup(stack, [str(tmp_path / "run")]) + "\n" +
+    script = (block_setup(stack, [str(tmp_path / "run")], "/images/a.sif") + "\n" +
               'printf "%s\\n" "$APPTAINER_BIND" "$APPTAINERENV_PREPEND_PATH" '
-              '"$APPTAINERENV_LD_LIBRARY_PATH" "$APPTAINERENV_ZE_FLAT_DEVICE_HIERARCHY"\n')
+              '"$APPTAINERENV_LD_LIBRARY_PATH" "$APPTAINERENV_ZE_FLAT_DEVICE_HIERARCHY" '
+              '"$APPTAINERENV_PARSL_AURORA_IMAGE_EXEC"\n')
     env = {"PATH": f"{pals}:/usr/bin:/bin", "LD_LIBRARY_PATH": "/opt/aurora/oneapi/lib",
            "APPTAINER_BIND": "/scratch"}  # the user's own bind, kept
     out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
                          check=True).stdout.splitlines()
-    assert out == [f"/scratch,{tmp_path}/opt/aurora,{tmp_path}/lib64:/host/lib64,{pals}", str(pals),
-                   "/opt/aurora/oneapi/lib:/host/lib64", "FLAT"]
+    binds = f"/scratch,{tmp_path}/opt/aurora,{tmp_path}/lib64:/host/lib64,{pals}"
+    assert out == [binds, str(pals), "/opt/aurora/oneapi/lib:/host/lib64", "FLAT",
+                   f"{pals}/apptainer exec --bind {binds} /images/a.sif"]
 
 
 def test_versions_must_match():

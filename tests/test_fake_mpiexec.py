@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -389,3 +390,53 @@ def test_a_rank_killed_by_a_signal_does_not_abort_without_abort_on_failure(env):
             "sh", "-c", code)
     assert r.returncode == 137, r.stderr
     assert r.stdout.split().count("done") == 2
+
+
+# A client of the fake PALS daemon written against the socket alone (the system's Python, as
+# another user): the descriptors, then the request, then the reply.
+PALSD_CLIENT = """
+import json, socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+for _ in range(600):  # the daemon is starting
+    try:
+        s.connect("\\0" + sys.argv[1])
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.1)
+try:
+    socket.send_fds(s, [b"."], [0, 1, 2])
+    s.sendall(json.dumps({"argv": ["-n", "2", "touch", sys.argv[2]], "cwd": "/",
+                          "env": {"PATH": "/usr/bin:/bin"}}).encode() + b"\\n")
+    reply = s.makefile("rb").readline()
+except BrokenPipeError:  # closed at once: not the daemon's user
+    reply = b""
+print(repr(reply))
+"""
+
+
+@pytest.mark.needs("mpi")
+def test_the_pals_daemon_launches_for_its_own_user_only(tmp_path):
+    """`mpiexec` in the image hands its launch to the fake PALS daemon on the host: for the
+    daemon's user it runs the ranks and answers their exit status; another user's connection
+    is closed unanswered and starts nothing."""
+    name = f"parsl-aurora-palsd-test-{os.getpid()}"
+    daemon = subprocess.Popen([sys.executable, "-m",
+                               "parsl_aurora.fake.palsd", f"@{name}"])
+    folder = tmp_path / "out"
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    try:
+        ran = folder / "ran"
+        mine = subprocess.run(["/usr/bin/python3", "-c", PALSD_CLIENT, name, str(ran)],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert mine.stdout.strip() == "b'0\\n'", mine.stderr
+        assert ran.exists()
+        if os.geteuid() == 0:
+            theirs = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c",
+                                     PALSD_CLIENT, name, str(folder / "theirs")],
+                                    capture_output=True, text=True, timeout=120, check=False)
+            assert theirs.stdout.strip() == "b''", theirs.stderr
+            assert not (folder / "theirs").exists()
+    finally:
+        daemon.terminate()
+        daemon.wait()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -288,3 +289,191 @@ def test_the_bridge_refuses_an_image_that_does_not_run_here(tmp_path):
     assert out.returncode == 2 and not ran.exists(), out
     assert len(out.stderr.strip().splitlines()) == 1
     assert "expected an image that runs on this node" in out.stderr
+
+
+# ---------------------------------------------------------------- in_job: blocks on the host
+HOST_CLIENT = """
+import os, sys, time
+from pathlib import Path
+from parsl.launchers import SimpleLauncher
+from parsl_aurora import bridge
+
+folder = bridge.host_channel()
+provider = bridge.host_local_provider(folder, launcher=SimpleLauncher())
+provider.script_dir = os.getcwd()
+# Apptainer sets APPTAINER_CONTAINER in the container: the block says where it runs.
+job = provider.submit("echo ${APPTAINER_CONTAINER:-host} > where.txt; exec sleep 300", 1)
+while not Path("where.txt").exists():
+    time.sleep(0.05)
+alive_while_running = provider._is_alive(provider.resources[job])
+provider.cancel([job])
+end = time.monotonic() + 120  # only stops a hang when the cancel does not land
+while provider.status([job])[0].state.name == "RUNNING" and time.monotonic() < end:
+    time.sleep(0.05)
+foreign = bridge.host_request(folder, "cancel", "1")
+missing = bridge.host_request(folder, "submit", "/nonexistent/block.sh")
+theirs = bridge.host_request(folder, "submit", sys.argv[1]) if len(sys.argv) > 1 else "-"
+print(alive_while_running, provider._is_alive(provider.resources[job]),
+      provider.status([job])[0].state.name, os.environ["APPTAINER_CONTAINER"], foreign, missing,
+      theirs, sep="\\n")
+"""
+
+
+def test_in_job_blocks_from_a_driver_in_the_image_start_on_the_host(built_image, tmp_path):
+    """The job host's launcher (carried by the image, run by bash on the host) starts the block
+    a driver in the image hands it outside the container, says whether it runs, cancels it,
+    and refuses a missing script, another user's script and a process it did not start."""
+    host = tmp_path / "host.sh"
+    with host.open("w") as f:
+        subprocess.run(["apptainer", "exec", str(built_image), "parsl-aurora", "host-launcher"],
+                       stdout=f, check=True)
+    (tmp_path / "client.py").write_text(HOST_CLIENT)
+    theirs = []
+    if os.geteuid() == 0:  # a script someone else owns, in a folder the user can write
+        (tmp_path / "theirs.sh").write_text("touch ran-theirs\n")
+        shutil.chown(tmp_path / "theirs.sh", "nobody")
+        theirs = [str(tmp_path / "theirs.sh")]
+    out = subprocess.run(["bash", str(host), str(built_image), "python3", "client.py", *theirs],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    alive, after, state, driver_in, foreign, missing, other = out.stdout.splitlines()
+    assert (alive, after, state) == ("True", "False", "CANCELLED")
+    assert driver_in == str(built_image)  # the driver ran in the image, its block outside
+    assert (tmp_path / "where.txt").read_text() == "host\n"
+    assert foreign == "error: no block 1 started here"
+    assert missing == "error: not a block script of this user: /nonexistent/block.sh"
+    if theirs:
+        assert other == f"error: not a block script of this user: {theirs[0]}"
+        assert not (tmp_path / "ran-theirs").exists()
+    # The host wrote the block's files beside its script, as Parsl's LocalProvider does.
+    assert [p.read_text() for p in tmp_path.glob("*.sh.ec")] == ["-\n"]
+
+
+def test_an_in_job_driver_in_the_image_without_the_host_launcher_is_refused(built_image,
+                                                                            tmp_path):
+    """PARSL_SITE=pbs (a real PBS) in_job in the image, outside in_job.pbs's launcher: one line
+    naming the launcher before any block starts."""
+    shutil.copy(ROOT / "examples" / "workflow.py", tmp_path)
+    (tmp_path / "nodes").write_text("x4102c0s0b0n0\n")
+    out = subprocess.run(["apptainer", "exec", str(built_image), "python", "workflow.py"],
+                         cwd=tmp_path,
+                         env={**os.environ, "PARSL_SITE": "pbs", "PARSL_MODE": "in_job",
+                              "PBS_NODEFILE": str(tmp_path / "nodes")},
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "PARSL_AURORA_HOST_LAUNCH=None is not valid" in out.stderr
+    assert "parsl-aurora host-launcher" in out.stderr
+    assert not (tmp_path / "runinfo").exists()
+
+
+# In place of examples/workflow.py: 24 tasks, each held until all 24 run, so every worker of
+# both nodes' pools (12 each) runs one; each says its fake node and whether it is in the image.
+BOTH_NODES_FLOW = """
+from pathlib import Path
+import parsl
+from parsl import python_app
+import site_configs
+
+@python_app
+def where(meeting, n):
+    import os, time
+    from pathlib import Path
+    Path(meeting, str(os.getpid())).touch()
+    while len(os.listdir(meeting)) < n:
+        time.sleep(0.05)
+    return os.environ["PARSL_AURORA_HOST"], os.path.isdir("/.singularity.d")
+
+if __name__ == "__main__":
+    meeting = Path.cwd() / "meeting"
+    meeting.mkdir()
+    with parsl.load(site_configs.load()):
+        done = [f.result() for f in [where(str(meeting), 24) for _ in range(24)]]
+    print(len(done), "tasks on", sorted(set(done)))
+"""
+
+
+@pytest.mark.needs("pbs", "fuse")
+def test_in_job_pbs_with_the_image_on_real_pbs_starts_pools_on_the_host(image_for_nobody,
+                                                                        real_pbs, user_venv):
+    """Route (c) on the real-PBS look-alike as its unprivileged user: `qsub -v
+    PARSL_AURORA_IMAGE=... examples/in_job.pbs` runs the driver in the image, the job's host
+    starts the block (the host's PALS, here the fake one outside the image, one pool per node,
+    each in the image), and all tasks complete, on both nodes."""
+    d = real_pbs.workdir("injob-image")
+    shutil.copytree(ROOT / "examples", d / "examples")
+    real_pbs.write(d / "examples" / "workflow.py", BOTH_NODES_FLOW)
+    shutil.chown(d / "examples", real_pbs.user, real_pbs.user)
+    pals = next(user_venv.glob("lib/python3*/site-packages/parsl_aurora/fake/bin"))
+    # The host's PALS: the fake one in the test user's venv, which the image cannot see.
+    env = {"PARSL_SITE": "pbs", "PARSL_AURORA_IMAGE": str(image_for_nobody),
+           "PARSL_AURORA_PALS_BIN": str(pals),
+           "PARSL_AURORA_PYTHON": str(user_venv / "bin" / "python"),
+           "PARSL_AURORA_HYDRA": str(user_venv / "bin" / "mpiexec.hydra")}
+    job = real_pbs.run("qsub", "-A", "fake", "-v", ",".join(f"{k}={v}" for k, v in env.items()),
+                       "examples/in_job.pbs", cwd=d)
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip()
+    record = real_pbs.wait_state(job_id, "F", limit=600)
+    seq = job_id.split(".")[0]
+    out, err = (d / f"parsl_in_job.o{seq}").read_text(), (d / f"parsl_in_job.e{seq}").read_text()
+    assert record["Exit_status"] == 0, out[-2000:] + err[-2000:]
+    nodes = [(f"{h}.hostmgmt2102.cm.aurora.alcf.anl.gov", True) for h in ("x4102c0s0b0n0",
+                                                                         "x4102c0s1b0n0")]
+    assert f"24 tasks on {nodes}" in out, out
+    # One block, started on the host by its launcher (its files beside the script), whose
+    # mpiexec started a pool on each of the job's two nodes, in the image.
+    script = next((d / "runinfo").glob("*/submit_scripts/parsl.htex_tiles.block-0.*.sh"))
+    assert f"apptainer exec {image_for_nobody} " in script.read_text()
+    assert Path(f"{script}.ec").read_text() == "-\n"  # cancelled by the driver at its end
+    nodes = next((d / "runinfo").glob("*.nodes")).read_text().split()
+    assert len(nodes) == 2 and len(set(nodes)) == 2
+    log = next((d / "runinfo").glob("*/htex_tiles/interchange.log")).read_text()
+    assert len(set(re.findall(r"Registration info for manager b?'([0-9a-f]+)'", log))) == 2
+
+
+# ---------------------------------------------------------------- MPI from workers in the image
+MPI_FROM_IMAGE_FLOW = """
+import sys
+import parsl
+from parsl import bash_app
+import site_configs
+
+@bash_app
+def ranks(parsl_resource_specification, wrap, stdout):
+    # probe.py is in the driver's folder, where the workers start.
+    return "$PARSL_MPI_PREFIX " + ("$PARSL_AURORA_IMAGE_EXEC " if wrap else "") + "python3 probe.py"
+
+if __name__ == "__main__":
+    spec = {"num_nodes": 2, "ranks_per_node": 2, "num_ranks": 4}
+    with parsl.load(site_configs.load(container=sys.argv[1], nodes_per_job=2)):
+        ranks(parsl_resource_specification=spec, wrap=True, stdout="wrapped.out").result()
+        ranks(parsl_resource_specification=spec, wrap=False, stdout="bare.out").result()
+"""
+
+
+@pytest.mark.needs("fuse")
+def test_mpi_ranks_from_a_worker_in_the_image_start_on_the_host(cluster, request,
+                                                                image_for_nobody):
+    """A worker in the image calls `mpiexec` (the host's, bound in): as with Aurora's PALS the
+    ranks start on the host, outside the container (no /.singularity.d); wrapped in
+    `$PARSL_AURORA_IMAGE_EXEC` they run the image's Python. On the fake PBS and, as its
+    unprivileged user, on the real one."""
+    d = cluster.workdir("mpi-image")
+    cluster.write(d / "flow.py", MPI_FROM_IMAGE_FLOW)
+    cluster.write(d / "probe.py", 'import os, sys\nprint(os.environ["PMI_RANK"], sys.prefix, '
+                                  'os.path.isdir("/.singularity.d"))\n')
+    exe = (sys.executable if cluster.kind == "fake"
+           else str(request.getfixturevalue("user_venv") / "bin" / "python"))
+    env = {"PARSL_SITE": {"fake": "local", "real": "pbs"}[cluster.kind],
+           "PARSL_MODE": "mpi_ensemble", "PATH": f"{Path(exe).parent}:{cluster.env['PATH']}"}
+    out = cluster.run(exe, "flow.py", str(image_for_nobody), cwd=d, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    image_prefix = subprocess.run(
+        ["apptainer", "exec", str(image_for_nobody), "python3", "-c",
+         "import sys; print(sys.prefix)"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    wrapped = sorted(x.split() for x in (d / "wrapped.out").read_text().splitlines())
+    assert wrapped == [[str(r), image_prefix, "True"] for r in range(4)]
+    bare = sorted(x.split() for x in (d / "bare.out").read_text().splitlines())
+    assert [r for r, _, inside in bare] == ["0", "1", "2", "3"]
+    assert {(prefix == image_prefix, inside) for _, prefix, inside in bare} == {(False, "False")}

@@ -432,3 +432,25 @@ def test_aurora_workers_connect_over_hsn0_by_default(tmp_path):
     out = subprocess.run(["unshare", "--net", "sh", "-c", script], cwd=tmp_path,
                          capture_output=True, text=True, check=False)
     assert out.stdout.split() == ["10.201.7.5", "10.201.7.5"], out.stderr[-2000:]
+
+
+def test_in_job_in_the_image_on_real_pbs_needs_a_run_dir_the_host_can_read(tmp_path,
+                                                                          monkeypatch):
+    """A driver in the image hands block scripts to the job host's launcher by path, which
+    bash reads without a shell: a run directory with other characters is refused first."""
+    from site_configs import pbs
+
+    channel = tmp_path / "channel"
+    channel.mkdir()
+    os.mkfifo(channel / "requests")
+    nodes = tmp_path / "nodes"
+    nodes.write_text("x4102c0s0b0n0\n")
+    monkeypatch.setenv("APPTAINER_CONTAINER", "/images/aurora.sif")
+    monkeypatch.setenv("PARSL_AURORA_HOST_LAUNCH", str(channel))
+    with pytest.raises(ConfigError) as e:
+        pbs.in_job(nodefile=str(nodes), run_dir=str(tmp_path / "my runs"))
+    assert (e.value.field, e.value.value) == ("run_dir", str(tmp_path / "my runs"))
+    monkeypatch.delenv("PARSL_AURORA_HOST_LAUNCH")
+    with pytest.raises(ConfigError) as e:
+        pbs.in_job(nodefile=str(nodes), run_dir=str(tmp_path / "runs"))
+    assert (e.value.field, e.value.value) == ("PARSL_AURORA_HOST_LAUNCH", None)

@@ -146,6 +146,13 @@ def _image_runs_here(command: list[str]) -> None:
                           "`parsl-aurora check --image IMAGE` says route (d) works")
 
 
+def cmd_host_launcher(args) -> int:
+    from parsl_aurora.bridge import HOST_SCRIPT
+
+    sys.stdout.write(HOST_SCRIPT.read_text())
+    return 0
+
+
 def cmd_status(args) -> int:
     from parsl_aurora import runs
 
@@ -233,6 +240,14 @@ def parser() -> argparse.ArgumentParser:
                     "authenticate to PBS itself; the bridge ends with the command.")
     br.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     br.set_defaults(func=cmd_pbs_bridge)
+    hl = sub.add_parser(
+        "host-launcher", help="print the job-host script that runs an in_job driver in the image",
+        description="Print the bash script a PBS job runs on its host as `bash SCRIPT IMAGE "
+                    "COMMAND...`: COMMAND (the in_job driver) runs in IMAGE, and the blocks it "
+                    "asks for start on the host, where PALS's mpiexec and apptainer are "
+                    "(examples/in_job.pbs). Run it in the image: `apptainer exec IMAGE "
+                    "parsl-aurora host-launcher > host.sh`.")
+    hl.set_defaults(func=cmd_host_launcher)
     st = sub.add_parser(
         "status", help="a run's PBS jobs and their states, its tasks, where its logs are",
         description="Show a workflow run: its PBS jobs (blocks) with their states from one "

@@ -43,23 +43,29 @@ class HostStack:
     library_dirs: tuple[str, ...] = ()
     # Variables set inside the image only (Apptainer's APPTAINERENV_<NAME>).
     env: tuple[tuple[str, str], ...] = ()
+    # Host lines run before the binds are decided (the fake sites start a PALS daemon here;
+    # Aurora's runs on every compute node already).
+    init: str = ""
 
 
 AURORA_STACK = HostStack(binds=AURORA_BINDS, library_dirs=AURORA_LIBRARY_DIRS)
 
 
-def block_setup(stack: HostStack, extra_binds: Iterable[str] = ()) -> str:
+def block_setup(stack: HostStack, extra_binds: Iterable[str] = (), image: str | None = None) -> str:
     """Shell lines for a block whose workers run in the image, run on the compute node.
 
     Binds the stack's paths that exist there (and `extra_binds`, and what APPTAINER_BIND already
     names), puts the host's own `mpiexec`
     first on PATH inside the image (Apptainer resets PATH) and the host libraries on
     LD_LIBRARY_PATH; all through Apptainer's environment variables, so the worker command
-    itself stays `apptainer exec IMAGE ...`.
+    itself stays `apptainer exec IMAGE ...`. With `image`, apps get `$PARSL_AURORA_IMAGE_EXEC`:
+    the host's `apptainer exec` with the same binds around `image`, for MPI ranks, which the
+    host's PALS starts outside the container (`$PARSL_MPI_PREFIX $PARSL_AURORA_IMAGE_EXEC cmd`).
     """
     binds = " ".join(shlex.quote(b) for b in dict.fromkeys([*stack.binds, *extra_binds]))
     libs = ":".join(stack.library_dirs)
-    lines = [
+    lines = [stack.init] if stack.init else []
+    lines += [
         'PARSL_AURORA_BINDS="${APPTAINER_BIND:-}"',
         f"for b in {binds}; do",
         '    [ -e "${b%%:*}" ] && PARSL_AURORA_BINDS="${PARSL_AURORA_BINDS:+$PARSL_AURORA_BINDS,}$b"',
@@ -74,6 +80,12 @@ def block_setup(stack: HostStack, extra_binds: Iterable[str] = ()) -> str:
         lines.append(f'export APPTAINERENV_LD_LIBRARY_PATH="${{LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}}'
                      f'{libs}"')
     lines += [f"export APPTAINERENV_{k}={shlex.quote(v)}" for k, v in stack.env]
+    if image:
+        # A rank gets the caller's environment, whose PATH is the image's: name the host's
+        # apptainer by its full path.
+        lines.append('export APPTAINERENV_PARSL_AURORA_IMAGE_EXEC="$(command -v apptainer) exec'
+                     '${PARSL_AURORA_BINDS:+ --bind $PARSL_AURORA_BINDS} '
+                     f'{shlex.quote(image)}"')
     return "\n".join(lines)
 
 

@@ -358,7 +358,8 @@ def _block(site: Site, node: Node, mode: str, *, worker_init: str, run_dir: str,
     lines += [f"cd {shlex.quote(str(run_path))}", worker_init]
     if image:
         # After the user's lines: the binds and library path follow what they load (modules).
-        lines.append(ctr.block_setup(site.container_host, [str(run_path), str(here), *binds]))
+        lines.append(ctr.block_setup(site.container_host, [str(run_path), str(here), *binds],
+                                     image))
     command = f"{GUARD} {DEFAULT_LAUNCH_CMD}"
     if image:
         command = _in_image(command, image, stage_image)
@@ -720,11 +721,25 @@ def in_job(site: Site, node: Node, *, nodefile: str | None = None, worker_init: 
         worker_init = "\n".join(s for s in (
             f"export PBS_NODEFILE={shlex.quote(str(Path(nodefile).resolve()))}", worker_init)
             if s)
+    provider_class = LocalProvider
+    if site.real_pbs and in_image():
+        # PALS's mpiexec and apptainer are the host's: the job script on the host starts the
+        # block the driver in the image hands it (bridge.host_local_provider).
+        from functools import partial
+
+        from parsl_aurora import bridge
+
+        provider_class = partial(bridge.host_local_provider, bridge.host_channel())
+        scripts = str(Path(run_dir).resolve())
+        if not set(scripts) <= bridge.SAFE:
+            raise ConfigError("run_dir", scripts, "a path of letters, digits and _./+:=- (the "
+                              "host's launcher reads the block scripts' paths without a shell)",
+                              "run the workflow from such a folder, or pass run_dir= one")
     block = _block(site, node, "in_job", worker_init=worker_init, run_dir=run_dir,
                    container=container, binds=binds, interface=interface, address=address,
                    hierarchy=hierarchy, activate=activate, stage_image=stage_image)
     _prepare(site, run_dir)
-    provider = LocalProvider(
+    provider = provider_class(
         nodes_per_block=len(set(hosts)),
         launcher=MpiExecLauncher(**POOL_MPIEXEC),
         init_blocks=1,

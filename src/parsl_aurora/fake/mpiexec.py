@@ -408,6 +408,13 @@ def launch_with_hydra(req: Request, hydra_path: str, host_cpus: list[int]) -> in
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    daemon = os.environ.get("PARSL_AURORA_PALSD")
+    if daemon:
+        # Called inside the image: PALS starts ranks through its daemon on the host, outside
+        # any container, so this fake does too (parsl_aurora.fake.palsd).
+        from parsl_aurora.fake import palsd
+
+        return palsd.forward(daemon, argv)
     host_cpus = sorted(os.sched_getaffinity(0))
     try:
         req = parse(argv, dict(os.environ))
