@@ -139,7 +139,7 @@ def test_stage_image_needs_an_image_and_an_absolute_folder(tmp_path):
 
 def test_aurora_block_setup_golden():
     assert block_setup(AURORA_STACK, ["/home/u/run"]) == r"""PARSL_AURORA_BINDS="${APPTAINER_BIND:-}"
-for b in /var/spool/pbs /var/run/palsd /opt/cray /opt/aurora /usr/lib64:/host/lib64 /home /lus/flare /flare /home/u/run; do
+for b in /var/spool/pbs /var/run/palsd /opt/cray /opt/aurora /soft /usr/lib64:/host/lib64 /home /lus/flare /flare /home/u/run; do
     [ -e "${b%%:*}" ] && PARSL_AURORA_BINDS="${PARSL_AURORA_BINDS:+$PARSL_AURORA_BINDS,}$b"
 done
 if PARSL_AURORA_MPIEXEC=$(command -v mpiexec); then

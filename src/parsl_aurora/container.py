@@ -23,6 +23,7 @@ AURORA_BINDS: tuple[str, ...] = (
     "/var/run/palsd",     # PALS daemon sockets: mpiexec from inside a worker reaches the launcher
     "/opt/cray",          # PALS mpiexec and libpals, for MPI apps started from a worker
     "/opt/aurora",        # the programming environment: oneAPI runtime, SYCL, Aurora MPICH
+    "/soft",              # ALCF's software tree, which modules point into (CR's MPI example)
     # Level Zero, the GPU driver and IGC live in the host's /usr/lib64, which in a Debian image
     # holds the image's own loader: bound elsewhere and named on LD_LIBRARY_PATH instead.
     "/usr/lib64:/host/lib64",
