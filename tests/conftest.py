@@ -21,7 +21,9 @@ def _own_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # Parsl starts interchange.py and process_worker_pool.py from PATH.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    for var in ("PARSL_SITE", "PARSL_MODE", "PARSL_ACCOUNT", "PBS_NODEFILE"):
+    # The GPU settings and modules of the shell that runs the tests are not the tests' own.
+    for var in ("PARSL_SITE", "PARSL_MODE", "PARSL_ACCOUNT", "PBS_NODEFILE", "LOADEDMODULES",
+                "ZE_FLAT_DEVICE_HIERARCHY", "ONEAPI_DEVICE_SELECTOR"):
         monkeypatch.delenv(var, raising=False)
 
 
