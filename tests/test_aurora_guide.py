@@ -155,8 +155,14 @@ class Shell:
 
 def _copy_checkout(dest: Path, image: Path | None) -> None:
     """The working tree as git sees it (tracked and new files, not ignored ones), with its
-    .git: `make image` records the commit, and so finds the copied image up to date."""
-    shutil.copytree(ROOT / ".git", dest / ".git", symlinks=True)
+    .git: `make image` records the commit, and so finds the copied image up to date. A git
+    worktree's .git is a file naming the main repository's: there, a clone of its commit."""
+    if (ROOT / ".git").is_dir():
+        shutil.copytree(ROOT / ".git", dest / ".git", symlinks=True)
+    else:
+        for git in (["clone", "-q", "--no-checkout", str(ROOT), str(dest)],
+                    ["-C", str(dest), "reset", "-q"]):
+            subprocess.run(["git", *git], check=True, capture_output=True)
     names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, names):
