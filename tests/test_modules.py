@@ -68,6 +68,22 @@ def test_the_drivers_modules_come_first_then_its_venv(driver, tmp_path):
     assert quiet[0] == "export TMPDIR=/tmp" and not any("module " in line for line in quiet)
 
 
+def test_a_driver_in_the_image_replays_no_module(driver, monkeypatch):
+    """Apptainer hands the host's module variables to a driver in the image, whose blocks (on
+    the fake site, in the same image) have no Lmod: they load nothing."""
+    from parsl_aurora import modes
+    from site_configs import local
+
+    driver("module load frameworks")
+    monkeypatch.setenv("APPTAINER_CONTAINER", "/x/aurora.sif")
+    node = local.fake_node()
+    b = modes._block(local.site(node), node, "multi_job", worker_init="", run_dir="runinfo",
+                     container=None, binds=(), interface=None, address=None, hierarchy=None,
+                     activate=True)
+    assert not any("module" in line.split()[:3] for line in b.worker_init.splitlines())
+    assert b.worker_init.startswith(f"source {sys.prefix}/bin/activate\n")
+
+
 def test_the_replayed_lines_load_the_module_in_a_shell_without_one(driver, tmp_path):
     """The block's first lines, run by a bash that has no `module` (the fake's jobs): Lmod's
     init is sourced, the module loads; where it cannot, the block ends."""

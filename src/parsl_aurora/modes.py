@@ -396,9 +396,11 @@ def _block(site: Site, node: Node, mode: str, *, worker_init: str, run_dir: str,
         image = str(Path(image).resolve())
         ctr.check_image(image)
     run_path, here = Path(run_dir).resolve(), Path.cwd()
-    # The driver's modules come back first, before its venv (ALCF's order); in an image the
-    # workers' Python is the image's.
-    lines = lmod.replay(os.environ, not image and activate, lmod.uses_modules(worker_init))
+    # The driver's modules come back first, before its venv (ALCF's order); not for workers in
+    # an image, nor for a driver in one (the host's module variables leak into it): their
+    # Python is the image's, which has no module system.
+    replay = activate and not image and not in_image()
+    lines = lmod.replay(os.environ, replay, lmod.uses_modules(worker_init))
     if image:
         lines += [site.container_init, site.worker_init]
     else:
