@@ -81,9 +81,10 @@ def ask(env: Mapping[str, str], args: list[str]) -> dict[str, str | None]:
 def ml_commands(env: Mapping[str, str], args: list[str]) -> list[list[str]]:
     """The `module` commands Lmod's `ml ARGS` stands for (`ml x` loads x, `ml -x` unloads)."""
     home = _home(env)
-    ml = str(Path(env.get("LMOD_DIR") or Path(home or "/", "libexec"), "ml_cmd"))
-    if not home or not os.access(ml, os.X_OK):
-        raise LmodError("Lmod is not set up where the config is built ($LMOD_PKG is not set)")
+    libexec = env.get("LMOD_DIR") or (str(Path(home, "libexec")) if home else "")
+    ml = str(Path(libexec, "ml_cmd")) if libexec else ""
+    if not ml or not os.access(ml, os.X_OK):
+        raise LmodError("Lmod is not set up where the config is built ($LMOD_DIR is not set)")
     out = subprocess.run([ml, *args], env=dict(env), capture_output=True, text=True,
                          check=False)
     return [c[1:] for c in _commands(out.stdout) if c and c[0] == "module"]
