@@ -21,7 +21,9 @@ def _own_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # Parsl starts interchange.py and process_worker_pool.py from PATH.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    for var in ("PARSL_SITE", "PARSL_MODE", "PARSL_ACCOUNT", "PBS_NODEFILE"):
+    # The GPU settings and modules of the shell that runs the tests are not the tests' own.
+    for var in ("PARSL_SITE", "PARSL_MODE", "PARSL_ACCOUNT", "PBS_NODEFILE", "LOADEDMODULES",
+                "ZE_FLAT_DEVICE_HIERARCHY", "ONEAPI_DEVICE_SELECTOR"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -126,8 +128,26 @@ def _pbs() -> str | None:
     return None
 
 
+# Lmod where Debian's `lmod` package puts it (what .ci/run installs).
+LMOD_PKG = Path(os.environ.get("PARSL_AURORA_LMOD_PKG", "/usr/share/lmod/lmod"))
+
+
+def _lmod() -> str | None:
+    if (LMOD_PKG / "libexec" / "lmod").exists() and (LMOD_PKG / "init" / "bash").exists():
+        return None
+    return "Lmod is missing: `sudo apt-get install lmod` (Debian 12)"
+
+
+def module_environment(base: dict[str, str], *commands: str) -> dict[str, str]:
+    """`base` as a shell leaves it after Lmod's init and `commands` (e.g. `module load x`)."""
+    script = f"source {LMOD_PKG / 'init' / 'bash'}\n" + "\n".join(commands) + "\nenv -0"
+    out = subprocess.run(["bash", "-c", script], env=base, capture_output=True, check=True)
+    pairs = (item.split(b"=", 1) for item in out.stdout.split(b"\0") if b"=" in item)
+    return {k.decode(): v.decode() for k, v in pairs}
+
+
 COMPONENTS = {"apptainer": _apptainer, "fuse": _fuse, "registry": _registry, "mpi": _mpi,
-              "pbs": _pbs}
+              "pbs": _pbs, "lmod": _lmod}
 _missing: dict[str, str | None] = {}
 
 

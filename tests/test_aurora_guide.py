@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from clusters import wait_for
-from conftest import ROOT, leftovers, serve_registry
+from conftest import LMOD_PKG, ROOT, leftovers, serve_registry
 
 from parsl_aurora import runs
 
@@ -29,8 +29,8 @@ FENCE = re.compile(r"^```(\S*)(.*)$")
 # command of an `aurora` block, what runs instead, why). {copy}, {registry}, {tag}, {key} and
 # {fake_qstat} are filled in by the test.
 SUBSTITUTE = [
-    (r"module load .*", "true",
-     "no modules here: the machine's python3 and apptainer are on PATH"),
+    (r"module load python/3.12.12 apptainer", "true",
+     "no such modules here: the machine's python3 and apptainer are on PATH"),
     (r"git clone <url-of-this-repository> \$HOME/parsl-aurora", "{copy}",
      ("a copy of the checkout under test (working tree, uncommitted changes included), and of "
       "the image the session built from it, so `make image` finds it up to date")),
@@ -184,6 +184,10 @@ def _environment(home: Path, scratch: Path) -> dict[str, str]:
     user = os.environ.get("USER", "root")
     return {**keep, "HOME": str(home), "USER": user, "LOGNAME": user, "LANG": "C.UTF-8",
             "PATH": "/usr/local/bin:/usr/bin:/bin", "TMUX_TMPDIR": str(scratch),
+            # Lmod, as Aurora's login shells have it (Debian's profile.d sets BASH_ENV so), with
+            # the fake cluster's look-alike of ALCF's frameworks on MODULEPATH.
+            "BASH_ENV": str(LMOD_PKG / "init" / "bash"),
+            "MODULEPATH": str(ROOT / "src" / "parsl_aurora" / "fake" / "modulefiles"),
             # Progress lines every 2 s instead of 60, so they come within the test's minutes.
             "PARSL_AURORA_PROGRESS_EVERY": "2"}
 
@@ -227,6 +231,13 @@ def guide(tmp_path) -> Guide:
     subprocess.run(["tmux", "kill-server"], env=g.shell.env, capture_output=True, check=False)
     for line in leftovers(scratch):
         os.kill(int(line.split(":")[0]), signal.SIGKILL)
+
+
+def submitted(run_dir: Path) -> str:
+    """The first PBS script a run submitted."""
+    tag = runs.read_record(run_dir)["run_tag"]
+    return next(p for p in sorted((run_dir / "submit_scripts").glob(f"{tag}.*"))
+                if not p.suffix[1:].startswith("std")).read_text()
 
 
 def checkpointed(run_dir: Path) -> int:
@@ -274,7 +285,7 @@ def _driver_ended(g: Guide) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.needs("mpi")
+@pytest.mark.needs("mpi", "lmod")
 def test_the_guide_on_the_fake_cluster(guide, tmp_path):
     """Steps 1 and 3-7: set up, run the campaign in tmux, watch it, stop it after 12 of 24
     tasks, clean up, resume with nohup: the rest runs, the 12 finished ones do not."""
@@ -304,6 +315,15 @@ def test_the_guide_on_the_fake_cluster(guide, tmp_path):
     resumed, _, cleaned = runs.task_states(runs.read_chunks(second / "parsl.log"))
     assert cleaned and resumed == {"memo_done": done_first, "exec_done": 24 - done_first}, \
         resumed
+    # ALCF's order in every block: the frameworks module the driver had loaded, then its venv;
+    # the module's FLAT hierarchy and ALCF's device selector after the user's lines.
+    for run_dir in (first, second):
+        script = submitted(run_dir)
+        lines = [x for x in script.splitlines() if x.startswith(("module load ", "source "))]
+        assert lines == ["module load frameworks/2025.3.1 || exit 1",
+                         f"source {guide.home}/parsl-aurora-env/bin/activate"], script
+        assert ("export ZE_FLAT_DEVICE_HIERARCHY=FLAT\n"
+                "export ONEAPI_DEVICE_SELECTOR=level_zero:gpu") in script
     assert "driver: ended" in out["parsl-aurora status"]
     assert out["tail -n 1 campaign.log"].strip() == f"24 results, sum {SUM}"
     for run_dir in (first, second):
@@ -314,7 +334,7 @@ def test_the_guide_on_the_fake_cluster(guide, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.needs("apptainer", "fuse", "registry", "mpi")
+@pytest.mark.needs("apptainer", "fuse", "registry", "mpi", "lmod")
 def test_the_guide_image_steps(guide, tmp_path, built_image, data_keys):
     """Steps 1-3 with the image: `make image` (up to date), `apptainer test`, `make pull` of
     the same image published to a loopback registry; then the campaign with its driver in the

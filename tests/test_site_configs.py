@@ -344,13 +344,15 @@ def test_resume_and_monitoring_options(tmp_path):
 
 # ---------------------------------------------------------------- what a block runs
 def test_block_lines_in_order(tmp_path, monkeypatch):
-    """The driver's environment, the site's lines, the hierarchy, the run directory (launcher
-    files go there), then the user's own lines; the pools start in the driver's folder."""
+    """The driver's environment, the site's lines, the run directory (launcher files go
+    there), the user's own lines, then the GPU settings, which the user's lines cannot change
+    behind the masks' back; the pools start in the driver's folder."""
     monkeypatch.chdir(tmp_path)
     ex = aurora.multi_job(account="P", worker_init=USER_INIT, **AT).executors[0]
     assert ex.provider.worker_init.splitlines() == [
-        f"source {sys.prefix}/bin/activate", "export TMPDIR=/tmp",
-        "export ZE_FLAT_DEVICE_HIERARCHY=COMPOSITE", f"cd {tmp_path}/runinfo", USER_INIT]
+        f"source {sys.prefix}/bin/activate", "export TMPDIR=/tmp", f"cd {tmp_path}/runinfo",
+        USER_INIT, "export ZE_FLAT_DEVICE_HIERARCHY=COMPOSITE",
+        "export ONEAPI_DEVICE_SELECTOR=level_zero:gpu"]
     assert ex.launch_cmd.startswith(f"cd {tmp_path} && worker_pool_guard.sh process_worker_pool")
     quiet = aurora.multi_job(account="P", activate=False, **AT).executors[0]
     assert "activate" not in quiet.provider.worker_init

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from parsl_aurora import topology
+from parsl_aurora import lmod, topology
 from parsl_aurora.container import HostStack
 from parsl_aurora.errors import ConfigError
 from parsl_aurora.topology import Node
@@ -303,6 +303,56 @@ def socket_interfaces() -> list[tuple[int, str]]:
     return socket.if_nameindex()
 
 
+def gpu_environment(given: str | None, worker_init: str,
+                    env: Mapping[str, str]) -> tuple[str, list[str]]:
+    """The block's GPU hierarchy and its closing lines, which export it and the oneAPI device
+    selector.
+
+    The hierarchy: `given` (hierarchy=), else what worker_init sets (a literal export, or what
+    its module commands set, asked of Lmod), else the driver's (its modules' included), else
+    COMPOSITE, Aurora's PE default; `given` against a different value from worker_init is
+    refused. The selector: level_zero:gpu (ALCF's fix for frameworks 2025.3.1's
+    "opencl:gpu;level_zero:gpu", which shows dpctl every tile twice), unless the user set it:
+    worker_init's own export stands, the driver's own export is carried; a module's is not.
+    """
+    try:
+        found = lmod.read(worker_init, env)
+    except lmod.LmodError as e:
+        if given:  # nothing to check it against; the block's export has the last word
+            found = {}
+        else:
+            raise ConfigError("worker_init", worker_init, "module commands Lmod here can "
+                              f"answer for ({e})", "pass hierarchy='FLAT' or 'COMPOSITE' "
+                              "(what the modules set), or fix the module command") from None
+    setting = found.get(lmod.HIERARCHY)
+    if given:
+        hierarchy = topology.check_hierarchy(given)
+        if setting and setting.value != hierarchy:
+            raise ConfigError("hierarchy", given, f"{setting.value!r}, what worker_init sets "
+                              f"(`{setting.command}` sets {lmod.HIERARCHY})",
+                              f"drop hierarchy=, or end worker_init with `export "
+                              f"{lmod.HIERARCHY}={hierarchy}`")
+    elif setting and setting.value:
+        if setting.value not in topology.HIERARCHIES:
+            raise ConfigError("worker_init", worker_init,
+                              f"{lmod.HIERARCHY} set to one of {', '.join(topology.HIERARCHIES)}"
+                              f" (`{setting.command}` sets {setting.value!r})",
+                              "write the value itself, or pass hierarchy=")
+        hierarchy = setting.value
+    else:
+        hierarchy = topology.check_hierarchy(env.get(lmod.HIERARCHY) or "COMPOSITE")
+    lines = [f"export {lmod.HIERARCHY}={hierarchy}"]
+    selector = found.get(lmod.SELECTOR)
+    own = env.get(lmod.SELECTOR)
+    if selector and selector.by == "export":
+        pass  # worker_init's own line stands
+    elif own and not lmod.set_by_modules(env, lmod.SELECTOR):
+        lines.append(f"export {lmod.SELECTOR}={shlex.quote(own)}")
+    else:
+        lines.append(f"export {lmod.SELECTOR}={lmod.LEVEL_ZERO}")
+    return hierarchy, lines
+
+
 @dataclass(frozen=True)
 class Block:
     """What every block of a config runs, decided once for all modes."""
@@ -319,9 +369,10 @@ def _block(site: Site, node: Node, mode: str, *, worker_init: str, run_dir: str,
            stage_image: str | None = None) -> Block:
     """The block's shell lines and worker command: environment, folder, GPU hierarchy, image.
 
-    In order: the driver's Python environment (or, for workers in an image, apptainer); the
-    site's lines; the GPU hierarchy the masks are written for; the user's worker_init, so it can
-    override anything above; for workers in an image, last, what the host lends to the image,
+    In order: the driver's modules (lmod.replay); the driver's Python environment (or, for
+    workers in an image, apptainer); the site's lines; the user's worker_init, so it can
+    override anything above; the GPU hierarchy the masks are written for and the oneAPI device
+    selector (gpu_environment); for workers in an image, last, what the host lends to the image,
     as the lines above leave the node's environment. Launcher files land in the
     run directory; worker pools start in the driver's working directory, as Parsl's shared file
     system contract has it (a bash app's relative stdout= lands where the driver runs).
@@ -332,8 +383,7 @@ def _block(site: Site, node: Node, mode: str, *, worker_init: str, run_dir: str,
 
     _boolean("activate", activate)
     address = check_interface(site.interface if interface is None else interface, address)
-    hierarchy = topology.check_hierarchy(
-        hierarchy or os.environ.get("ZE_FLAT_DEVICE_HIERARCHY") or "COMPOSITE")
+    hierarchy, gpu = gpu_environment(hierarchy, worker_init, os.environ)
     image = container
     if image is None and site.real_pbs and in_image():
         # The driver runs in an image, which exists on the host whether or not it is bound in
@@ -346,16 +396,22 @@ def _block(site: Site, node: Node, mode: str, *, worker_init: str, run_dir: str,
         image = str(Path(image).resolve())
         ctr.check_image(image)
     run_path, here = Path(run_dir).resolve(), Path.cwd()
+    # The driver's modules come back first, before its venv (ALCF's order); not for workers in
+    # an image, nor for a driver in one (the host's module variables leak into it): their
+    # Python is the image's, which has no module system.
+    replay = activate and not image and not in_image()
+    lines = lmod.replay(os.environ, replay, lmod.uses_modules(worker_init))
     if image:
-        lines = [site.container_init, site.worker_init]
+        lines += [site.container_init, site.worker_init]
     else:
-        lines = [driver_environment() if activate else "", site.worker_init]
-    lines.append(f"export ZE_FLAT_DEVICE_HIERARCHY={hierarchy}")
+        lines += [driver_environment() if activate else "", site.worker_init]
     if mode == "mpi_ensemble":
         # `--cpu-bind $PARSL_AURORA_CPU_BIND` in an app: one rank per tile, reserved cores left.
         bind = topology.rank_cpu_bind(site.pals_node or node, site.cores_per_rank)
         lines.append(f"export PARSL_AURORA_CPU_BIND={bind}")
-    lines += [f"cd {shlex.quote(str(run_path))}", worker_init]
+    # The GPU settings after the user's lines, so the modules they load cannot change the
+    # hierarchy the masks were written for (gpu_environment refuses a contradiction).
+    lines += [f"cd {shlex.quote(str(run_path))}", worker_init, *gpu]
     if image:
         # After the user's lines: the binds and library path follow what they load (modules).
         lines.append(ctr.block_setup(site.container_host, [str(run_path), str(here), *binds],

@@ -19,6 +19,11 @@ def bin_dir() -> Path:
     return Path(__file__).resolve().parent / "bin"
 
 
+def modulefiles() -> Path:
+    """The fake's module tree (Lmod), for `module use`: a look-alike of ALCF's `frameworks`."""
+    return Path(__file__).resolve().parent / "modulefiles"
+
+
 def host_names(n: int) -> list[str]:
     """Aurora-style node names (cabinet x4102, slot i), one per fake node."""
     return [f"x4102c0s{i}b0n0" for i in range(n)]
