@@ -58,7 +58,7 @@ def sharedfs(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, default=bool(shutil.which("apptainer")))
 def image(session: nox.Session) -> None:
-    """Build aurora.sif with apptainer (base layer cached; -- --extra requirements.txt)."""
+    """Build aurora.sif with apptainer (base layer cached; -- --python 3.12 --extra reqs.txt)."""
     # pip fetches the wheelhouses; [image] pins spython and the setuptools that builds our wheel
     session.install("pip", ".[image]")
     session.run("python", "-m", "parsl_aurora.image", "build", *session.posargs)
@@ -66,7 +66,7 @@ def image(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, default=False)
 def lock(session: nox.Session) -> None:
-    """Recompile container/requirements.lock from pyproject.toml's pins (needs the index)."""
+    """Recompile container/requirements-X.Y.lock from pyproject.toml (-- --python X.Y)."""
     session.install("uv", ".")
     session.run("python", "-m", "parsl_aurora.image", "lock", *session.posargs)
 

@@ -29,7 +29,7 @@ WORK = Path(os.environ.get("PARSL_AURORA_BENCH_DIR", "/tmp/parsl-aurora-bench"))
 # /root). Venvs made from it differ from the image only by the container.
 DEBIAN_PYTHON = "/usr/bin/python3.11"
 UNPRIVILEGED = "nobody"
-LOCK = "container/requirements.lock"
+LOCK = "container/requirements-3.11.lock"  # the benchmarks run on Debian 12's 3.11
 
 
 # ---------------------------------------------------------------- pure: statistics, verdicts
