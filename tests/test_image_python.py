@@ -18,7 +18,7 @@ from test_image import WORKERS_IN_IMAGE, labels, run
 
 from parsl_aurora.image import build, inputs, lock
 
-pytestmark = [pytest.mark.slow, pytest.mark.needs("apptainer", "registry")]
+pytestmark = [pytest.mark.slow, pytest.mark.needs("apptainer", "registry", "python312")]
 PYTHON = "3.12"
 # One source date for every build here: equal inputs must give equal bytes whoever builds.
 SDE = "1764900000"
@@ -95,10 +95,15 @@ def image_312(base_312, nobody_venv):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_an_unprivileged_user_builds_the_312_image_from_a_base_pulled_by_digest(image_312,
-                                                                               base_312):
+def _built(image_312) -> Path:
     image, out = image_312
     assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return image
+
+
+def test_an_unprivileged_user_builds_the_312_image_from_a_base_pulled_by_digest(image_312,
+                                                                               base_312):
+    image, out = _built(image_312), image_312[1]
     assert not any(line.startswith("nobody:") for line in
                    Path("/etc/subuid").read_text().splitlines())
     registry, digest = base_312
@@ -117,7 +122,7 @@ def test_a_second_cold_build_of_the_312_image_is_the_same_bytes(image_312, base_
                                                                  nobody_venv):
     """Another folder, nothing cached (its own wheelhouse, base and apptainer cache): the same
     bytes. (Builds by root hold /dev placeholders a user's build lacks: compared as nobody.)"""
-    image, _ = image_312
+    image = _built(image_312)
     folder = _checkout("nobody")
     try:
         out = _build(folder, nobody_venv / "bin" / "python", *base_312, user="nobody",
@@ -153,10 +158,19 @@ def driver_312(tmp_path_factory) -> Path:
 
 
 def test_workers_in_the_312_image_serve_a_312_driver(image_312, driver_312, tmp_path):
-    image, _ = image_312
+    image = _built(image_312)
     python = driver_312 / "bin" / "python"
     script = WORKERS_IN_IMAGE.replace('sys.prefix', 'sys.prefix, "%d.%d" % sys.version_info[:2]')
     out = run(str(python), "-c", script, str(image), cwd=tmp_path,
               env={**os.environ, "PATH": f"{python.parent}:{os.environ['PATH']}"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == str([(str(image), "/opt/aurora-env", PYTHON)])
+
+
+def test_a_312_driver_refuses_the_311_image_before_submitting(built_image, driver_312, tmp_path):
+    """The other way round: the 3.11 image's label names another Python than the driver's."""
+    python = driver_312 / "bin" / "python"
+    out = run(str(python), "-c", WORKERS_IN_IMAGE, str(built_image), cwd=tmp_path,
+              env={**os.environ, "PATH": f"{python.parent}:{os.environ['PATH']}"})
+    assert out.returncode != 0
+    assert "Python (3.12); it holds Python 3.11" in out.stderr, out.stderr[-3000:]
