@@ -8,7 +8,7 @@ import nox
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["lint", "tests"]
-PYTHON = "3.11"  # the image's Python (Debian 12); tests run under the same version
+PYTHON = "3.11"  # the tools' Python (uv fetches it where missing) and Debian 12's, the tests' image
 # Installed as users install it: bytecode compiled up front (uv does not by default, and a host
 # with PYTHONDONTWRITEBYTECODE=1 would compile Parsl afresh in every process) and not editable
 # (an editable install's import hook costs every Python process, each worker included).
