@@ -174,3 +174,16 @@ def test_a_312_driver_refuses_the_311_image_before_submitting(built_image, drive
               env={**os.environ, "PATH": f"{python.parent}:{os.environ['PATH']}"})
     assert out.returncode != 0
     assert "Python (3.12); it holds Python 3.11" in out.stderr, out.stderr[-3000:]
+
+
+def test_make_image_builds_for_the_python_make_runs_with():
+    """`make image` passes the major.minor of $(PY) (python3: the loaded module's on Aurora)."""
+    import python_base
+
+    py312 = python_base.pyenv_python(PYTHON) / "bin" / f"python{PYTHON}"
+    for py, want in ((sys.executable, inputs.running_python()), (py312, PYTHON)):
+        out = run("make", "-n", "image", f"PY={py}", cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        assert f"-s image -- --python {want}" in out.stdout, out.stdout
+    out = run("make", "-n", "image", "PYTHON=3.10", cwd=ROOT)
+    assert "-s image -- --python 3.10" in out.stdout, out.stdout
