@@ -4,6 +4,9 @@ TOOLS := .tools
 NOX := $(TOOLS)/bin/nox
 # Versions of the tools that drive everything else (the only place they are pinned).
 TOOL_PINS := nox==2026.10.20 uv==0.13.9
+# The image's Python (major.minor): by default that of $(PY), i.e. of the environment that runs
+# make (after `module load python/3.12.12` on Aurora: 3.12), so its venv can drive the workers.
+PYTHON ?= $(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
 .PHONY: help test lint demo bench scale image lock publish pull install-apptainer clean
 
@@ -29,11 +32,11 @@ bench: $(NOX) ## benchmark against hand-tuned Parsl, rewrite docs/benchmarks.md 
 scale: $(NOX) ## thousands of simulated pools against the real interchange, rewrite docs/scale.md [ARGS=--quick]
 	$(NOX) -s scale -- $(ARGS)
 
-image: $(NOX) ## build aurora.sif (reused when unchanged); EXTRA=requirements.txt [EXTRA_DATE=] adds yours
-	$(NOX) -s image -- $(if $(EXTRA),--extra $(EXTRA)) $(if $(EXTRA_DATE),--extra-date $(EXTRA_DATE)) $(ARGS)
+image: $(NOX) ## build aurora.sif for PYTHON=X.Y (default: python3's); EXTRA=requirements.txt [EXTRA_DATE=] adds yours
+	$(NOX) -s image -- --python $(PYTHON) $(if $(EXTRA),--extra $(EXTRA)) $(if $(EXTRA_DATE),--extra-date $(EXTRA_DATE)) $(ARGS)
 
-lock: $(NOX) ## recompile container/requirements.lock from pyproject.toml
-	$(NOX) -s lock
+lock: $(NOX) ## recompile container/requirements-X.Y.lock [PYTHON=X.Y] from pyproject.toml
+	$(NOX) -s lock -- --python $(PYTHON)
 
 publish: $(NOX) ## sign and push aurora.sif: REGISTRY=oras://host/repo SIGN_KEY=key.pem [TAG=] [INSECURE=1]
 	$(NOX) -s publish -- $(REGISTRY) --key $(SIGN_KEY) $(if $(TAG),--tag $(TAG)) $(if $(filter 1,$(INSECURE)),--insecure)

@@ -8,7 +8,7 @@ import nox
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["lint", "tests"]
-PYTHON = "3.11"  # the image's Python (Debian 12); tests run under the same version
+PYTHON = "3.11"  # the tools' Python (uv fetches it where missing) and Debian 12's, the tests' image
 # Installed as users install it: bytecode compiled up front (uv does not by default, and a host
 # with PYTHONDONTWRITEBYTECODE=1 would compile Parsl afresh in every process) and not editable
 # (an editable install's import hook costs every Python process, each worker included).
@@ -58,7 +58,7 @@ def sharedfs(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, default=bool(shutil.which("apptainer")))
 def image(session: nox.Session) -> None:
-    """Build aurora.sif with apptainer (base layer cached; -- --extra requirements.txt)."""
+    """Build aurora.sif with apptainer (base layer cached; -- --python 3.12 --extra reqs.txt)."""
     # pip fetches the wheelhouses; [image] pins spython and the setuptools that builds our wheel
     session.install("pip", ".[image]")
     session.run("python", "-m", "parsl_aurora.image", "build", *session.posargs)
@@ -66,7 +66,7 @@ def image(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, default=False)
 def lock(session: nox.Session) -> None:
-    """Recompile container/requirements.lock from pyproject.toml's pins (needs the index)."""
+    """Recompile container/requirements-X.Y.lock from pyproject.toml (-- --python X.Y)."""
     session.install("uv", ".")
     session.run("python", "-m", "parsl_aurora.image", "lock", *session.posargs)
 

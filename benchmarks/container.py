@@ -33,7 +33,7 @@ SHARED = WORK / "shared"  # a pretend shared file system: a venv and a copy of t
 ABOUT = """
 `python benchmarks/container.py`. The venvs are made from Debian 12's Python 3.11 (the image's
 interpreter, `{python}`): for `import parsl`, a venv of exactly the image's packages
-(`container/requirements.lock` from the wheelhouse, and this checkout); for the first result,
+(`container/requirements-3.11.lock` from the wheelhouse, and this checkout); for the first result,
 `pip install parsl-aurora[fake]` as a user installs it (compiled, not editable, no monitoring
 extra) held to the lock's versions. Root mounts the SIF's squashfs in the kernel; an
 unprivileged user (`runuser -u {user}`, the way Aurora users run) mounts it with squashfuse.

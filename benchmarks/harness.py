@@ -29,7 +29,7 @@ WORK = Path(os.environ.get("PARSL_AURORA_BENCH_DIR", "/tmp/parsl-aurora-bench"))
 # /root). Venvs made from it differ from the image only by the container.
 DEBIAN_PYTHON = "/usr/bin/python3.11"
 UNPRIVILEGED = "nobody"
-LOCK = "container/requirements.lock"
+LOCK = "container/requirements-3.11.lock"  # the benchmarks run on Debian 12's 3.11
 
 
 # ---------------------------------------------------------------- pure: statistics, verdicts
@@ -246,7 +246,7 @@ def _lock_key() -> str:
 
 
 def locked_venv(parent: Path = WORK) -> Path:
-    """A venv holding exactly the image's packages (container/requirements.lock, hash-checked,
+    """A venv holding exactly the image's packages (container/requirements-3.11.lock, hash-checked,
     from the wheelhouse when there is one) and this checkout, so it and the image import the
     same code and only where it lives differs."""
     # `make image` keeps the locked wheels in .wheelhouse/base (and pip's in .../project).

@@ -59,7 +59,7 @@ when their middle half (Q1-Q3) meets the target, **no** when none of it does, an
 noise** with that Q1-Q3 range when the runs do not tell the two apart. An absolute target is
 judged the same way on the case's own runs. The bench session installs the project as users do
 (`pip install .[fake,image]`: compiled, not editable, without the monitoring extra); the image
-carries what `container/requirements.lock` holds.
+carries what `container/requirements-3.11.lock` holds.
 """
 
 

@@ -146,8 +146,22 @@ def module_environment(base: dict[str, str], *commands: str) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in pairs}
 
 
+def _python312() -> str | None:
+    """The stand-in for python:3.12-slim-bookworm (tests/python_base.py) and its tools."""
+    how = "`sudo apt-get install skopeo patchelf binutils` (.ci/run does)"
+    missing = [t for t in ("skopeo", "patchelf", "strip") if not shutil.which(t)]
+    if missing:
+        return f"{', '.join(missing)} missing: {how}"
+    if os.geteuid() != 0:
+        return "it copies pyenv's CPython 3.12 from root's home and builds as nobody: run as root"
+    pyenv = Path(os.environ.get("PYENV_ROOT", "/root/.pyenv")) / "versions"
+    if not list(pyenv.glob("3.12.*")):
+        return f"no pyenv CPython 3.12 in {pyenv} (set PYENV_ROOT to a pyenv that has one)"
+    return None
+
+
 COMPONENTS = {"apptainer": _apptainer, "fuse": _fuse, "registry": _registry, "mpi": _mpi,
-              "pbs": _pbs, "lmod": _lmod}
+              "pbs": _pbs, "lmod": _lmod, "python312": _python312}
 _missing: dict[str, str | None] = {}
 
 

@@ -67,11 +67,18 @@ def test_lock_commands_golden():
               "--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28",
               "--index-url", "https://idx.example/simple", "--extra-index-url",
               "https://more.example"]
-    assert lock.lock_command("uv", "2025.1.13", index) == [
+    assert lock.lock_command("uv", "3.11", "2025.1.13", index) == [
         *common, "--generate-hashes", "container/requirements.in", "-o",
-        "container/requirements.lock"]
-    assert lock.default_set_command("uv", "2025.1.13", "c.txt", "d.in", index) == [
+        "container/requirements-3.11.lock"]
+    assert lock.default_set_command("uv", "3.11", "2025.1.13", "c.txt", "d.in", index) == [
         *common, "--no-annotate", "-c", "c.txt", "d.in"]
+    # One lock per Python: wheels (and so hashes) differ between Pythons.
+    assert lock.lock_command("uv", "3.12", "2025.1.13", index)[7:9] == [
+        "--python-version", "3.12"]
+    assert lock.lock_command("uv", "3.12", "2025.1.13")[-1] == "container/requirements-3.12.lock"
+    assert lock.download_command("py", "3.12", "r.txt", "d")[8:18] == [
+        "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312", "--abi",
+        "abi3", "--abi", "none"]
 
 
 LOCK_TEXT = """\
@@ -108,12 +115,20 @@ def test_lock_layout_splits_the_lock_three_ways():
         lock.split_lock(LOCK_TEXT)
 
 
-def test_checked_in_lock_keeps_sqlalchemy_off_the_default_path():
-    parts = lock.split_lock((ROOT / lock.LOCK).read_text())
+@pytest.mark.parametrize("python", ["3.11", "3.12"])
+def test_checked_in_lock_keeps_sqlalchemy_off_the_default_path(python):
+    parts = lock.split_lock((ROOT / lock.lock_path(python)).read_text())
     names = {k: set(lock.lock_entries(v)) for k, v in parts.items()}
     assert "parsl" in names["default"] and "sqlalchemy" in names["monitoring"]
     assert names["build"] == {"pip"}
     assert not names["default"] & {"sqlalchemy", "greenlet"}
+
+
+def test_every_checked_in_lock_is_for_a_known_python_and_pins_the_same_parsl():
+    locks = sorted((ROOT / "container").glob("requirements-*.lock"))
+    pythons = [p.name.removeprefix("requirements-").removesuffix(".lock") for p in locks]
+    assert set(pythons) <= set(inputs.PYTHONS) and {"3.11", "3.12"} <= set(pythons)
+    assert {lock.pinned_versions(p.read_text())["parsl"] for p in locks} == {PARSL}
 
 
 def test_apt_mirror_prefers_deb822_and_skips_security():
@@ -126,26 +141,40 @@ def test_apt_mirror_prefers_deb822_and_skips_security():
         inputs.apt_mirror([], "")
 
 
-def test_docker_base_needs_a_digest():
-    assert inputs.base_for("docker", "sha256:" + "a" * 64) == "debian@sha256:" + "a" * 64
+def test_docker_base_is_pinned_by_digest_and_may_come_from_a_mirror():
+    assert inputs.base_for("3.11", "docker", "sha256:" + "a" * 64) == "debian@sha256:" + "a" * 64
     with pytest.raises(ImageError, match="--base-digest"):
-        inputs.base_for("docker", None)
+        inputs.base_for("3.11", "docker", "latest")
+    d312 = inputs.PYTHONS["3.12"].digest
+    assert inputs.base_for("3.12", "docker") == f"python@{d312}"
+    assert inputs.base_for("3.12", "docker", None, "127.0.0.1:5000/") == \
+        f"127.0.0.1:5000/python@{d312}"
+    with pytest.raises(ConfigError, match="PYTHON='3.9'.*3.10, 3.11, 3.12"):
+        inputs.base_for("3.9", "docker")
+    with pytest.raises(ConfigError, match="Debian 12 has no Python 3.12"):
+        inputs.base_for("3.12", "debootstrap")
 
 
 def test_the_pinned_base_is_the_default_where_debootstrap_cannot_work():
-    """Aurora's SLES has neither debootstrap nor a Debian mirror: the pinned docker base."""
-    assert inputs.default_bootstrap(None, have_debootstrap=True, have_mirror=True) == "debootstrap"
-    assert inputs.default_bootstrap(None, have_debootstrap=False, have_mirror=False) == "docker"
-    assert inputs.default_bootstrap(None, have_debootstrap=True, have_mirror=False) == "docker"
-    assert inputs.default_bootstrap("sha256:" + "b" * 64, True, True) == "docker"
-    assert inputs.base_for("docker", inputs.BASE_DIGEST) == f"debian@{inputs.BASE_DIGEST}"
-    assert len(inputs.BASE_DIGEST) == len("sha256:") + 64
+    """Aurora's SLES has neither debootstrap nor a Debian mirror: the pinned docker base; and
+    a Python Debian 12 lacks always comes from its python:X.Y-slim base."""
+    assert inputs.default_bootstrap("3.11", None, have_debootstrap=True, have_mirror=True) \
+        == "debootstrap"
+    assert inputs.default_bootstrap("3.11", None, have_debootstrap=False,
+                                    have_mirror=False) == "docker"
+    assert inputs.default_bootstrap("3.11", None, have_debootstrap=True,
+                                    have_mirror=False) == "docker"
+    assert inputs.default_bootstrap("3.11", "sha256:" + "b" * 64, True, True) == "docker"
+    assert inputs.default_bootstrap("3.12", None, True, True) == "docker"
+    for python, base in inputs.PYTHONS.items():
+        assert len(base.digest) == len("sha256:") + 64, python
+        assert base.apt == (python == "3.11"), python  # only Debian's own Python uses apt
 
 
 def test_build_args_make_the_labels():
-    args = inputs.build_args(base_sif=".image-cache/base-k.sif", pyproject_text=PYPROJECT,
-                          lock_text=b"x", git_commit="abc", source_date_epoch=1736812800,
-                          stamp="s")
+    args = inputs.build_args(python="3.11", base_sif=".image-cache/base-k.sif",
+                             pyproject_text=PYPROJECT, lock_text=b"x", git_commit="abc",
+                             source_date_epoch=1736812800, stamp="s")
     assert args == {
         "BASE": ".image-cache/base-k.sif", "WHEELHOUSE": ".wheelhouse/project",
         "PARSL_VERSION": "2025.1.13", "PYTHON_VERSION": "3.11", "PROJECT_VERSION": "0.1.0",
@@ -153,16 +182,26 @@ def test_build_args_make_the_labels():
         "LOCK_SHA256": "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881",
         "STAMP": "s", "SOURCE_DATE_EPOCH": "1736812800", "BUILD_DATE": "2025-01-14T00:00:00Z",
         "LABEL_SCHEMA_DATE": "Tuesday_14_January_2025_00:00:00_UTC"}
-    assert inputs.base_build_args(bootstrap="debootstrap", base="debian:12-slim",
-                               mirror="http://m/debian", key="k",
-                               source_date_epoch=1736812800) == {
-        "BOOTSTRAP": "debootstrap", "FROM": "debian:12-slim", "MIRROR": "http://m/debian",
-        "WHEELHOUSE": ".wheelhouse/base", "BASE_KEY": "k", "SOURCE_DATE_EPOCH": "1736812800",
+    assert inputs.build_args(python="3.12", base_sif="b", pyproject_text=PYPROJECT,
+                             lock_text=b"x", git_commit="abc", source_date_epoch=0,
+                             stamp="s")["PYTHON_VERSION"] == "3.12"
+    assert inputs.base_build_args(python="3.11", bootstrap="debootstrap", base="debian",
+                                  mirror="http://m/debian", key="k",
+                                  source_date_epoch=1736812800) == {
+        "BOOTSTRAP": "debootstrap", "FROM": "debian", "PYTHON": "3.11", "APT_PYTHON": "yes",
+        "MIRROR": "http://m/debian", "WHEELHOUSE": ".wheelhouse/base", "BASE_KEY": "k",
+        "SOURCE_DATE_EPOCH": "1736812800",
         "LABEL_SCHEMA_DATE": "Tuesday_14_January_2025_00:00:00_UTC"}
+    # The path Aurora takes for 3.10 and 3.12: the base holds Python, nothing runs apt-get.
+    for python in ("3.10", "3.12"):
+        args = inputs.base_build_args(python=python, bootstrap="docker", base="python@sha256:x",
+                                      mirror="-", key="k", source_date_epoch=0)
+        assert (args["PYTHON"], args["APT_PYTHON"]) == (python, "no")
     assert inputs.build_options({"A": "1", "B": "x y"}) == [
         "--fakeroot", "--force", "--mksquashfs-args",
         "-comp gzip -Xcompression-level 6 -all-root", "--build-arg", "A=1", "--build-arg",
         "B=x y"]
+    assert inputs.build_options({}, no_https=True)[-1] == "--no-https"
 
 
 def test_base_key_covers_each_input_and_names_a_relative_path():
@@ -173,7 +212,7 @@ def test_base_key_covers_each_input_and_names_a_relative_path():
             inputs.base_key(b"def", b"lock", ["debootstrap", "2"])} & {key} == set()
     # no concatenation ambiguity between the parts
     assert inputs.base_key(b"de", b"flock", ["x"]) != inputs.base_key(b"def", b"lock", ["x"])
-    assert inputs.base_path(key) == f".image-cache/base-{key[:24]}.sif"
+    assert inputs.base_path("3.12", key) == f".image-cache/base-3.12-{key[:24]}.sif"
 
 
 def test_definitions_name_no_absolute_host_path():
@@ -184,24 +223,30 @@ def test_definitions_name_no_absolute_host_path():
         files = text.split("%files", 1)[1].split("\n%", 1)[0]
         assert [ln.split()[0] for ln in files.splitlines()
                 if ln.strip() and not ln.strip().startswith("#")] == ["{{"], definition
-    args = inputs.build_args(base_sif=inputs.base_path("k" * 64), pyproject_text=PYPROJECT,
-                          lock_text=b"", git_commit="c", source_date_epoch=0, stamp="s")
+    args = inputs.build_args(python="3.11", base_sif=inputs.base_path("3.11", "k" * 64),
+                             pyproject_text=PYPROJECT, lock_text=b"", git_commit="c",
+                             source_date_epoch=0, stamp="s")
     assert not args["BASE"].startswith("/") and not args["WHEELHOUSE"].startswith("/")
 
 
 def test_stamp_changes_with_sources_only(tmp_path):
     (tmp_path / "container" / "scripts").mkdir(parents=True)
     (tmp_path / "src" / "parsl_aurora").mkdir(parents=True)
-    for rel in (inputs.DEF, inputs.BASE_DEF, lock.LOCK, "pyproject.toml", "src/parsl_aurora/a.py"):
+    for rel in (inputs.DEF, inputs.BASE_DEF, lock.lock_path("3.11"), lock.lock_path("3.12"),
+                "pyproject.toml", "src/parsl_aurora/a.py"):
         (tmp_path / rel).write_text(rel)
-    first = inputs.stamp(tmp_path)
+    first = inputs.stamp(tmp_path, "3.11")
     (tmp_path / "src" / "parsl_aurora" / "__pycache__").mkdir()
     (tmp_path / "src" / "parsl_aurora" / "__pycache__" / "a.pyc").write_bytes(b"junk")
-    assert inputs.stamp(tmp_path) == first
+    assert inputs.stamp(tmp_path, "3.11") == first
+    (tmp_path / lock.lock_path("3.12")).write_text("another Python's lock")
+    assert inputs.stamp(tmp_path, "3.11") == first
+    (tmp_path / lock.lock_path("3.11")).write_text("changed")
+    assert inputs.stamp(tmp_path, "3.11") != first
     (tmp_path / "src" / "parsl_aurora" / "a.py").write_text("changed")
-    assert inputs.stamp(tmp_path) != first
+    assert inputs.stamp(tmp_path, "3.11") != first
     (tmp_path / inputs.BASE_DEF).write_text("changed")
-    assert inputs.stamp(tmp_path, ["docker"]) != inputs.stamp(tmp_path)
+    assert inputs.stamp(tmp_path, "3.11", ["docker"]) != inputs.stamp(tmp_path, "3.11")
 
 
 def test_labels_from_inspect():
@@ -314,7 +359,7 @@ def test_extra_lock_path_and_date_checks():
 
 
 def test_extra_lock_command_golden():
-    assert lock.extra_lock_command("uv", "2025-06-01", "c.txt", "/p/req.txt", "/t/o.lock") == [
+    assert lock.extra_lock_command("uv", "3.11", "2025-06-01", "c.txt", "/p/req.txt", "/t/o.lock") == [
         "uv", "pip", "compile", "--quiet", "--no-header", "--exclude-newer", "2025-06-01",
         "--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28",
         "--generate-hashes", "-c", "c.txt", "/p/req.txt", "-o", "/t/o.lock"]
@@ -385,7 +430,7 @@ def test_helpers_are_on_path_inside(built_image):
 @needs_apptainer
 def test_labels_record_versions_and_provenance(built_image):
     got = labels(built_image)
-    prov = build.provenance(ROOT)
+    prov = build.provenance(ROOT, "3.11")
     assert got["org.parsl-project.parsl.version"] == PARSL
     assert got["parsl-aurora.python"] == "3.11"
     assert got["org.opencontainers.image.version"] == "0.1.0"
@@ -395,7 +440,7 @@ def test_labels_record_versions_and_provenance(built_image):
     # apptainer 1.4 writes its build clock here unless the definition's label wins
     assert got["org.label-schema.build-date"] == inputs.label_schema_date(prov.source_date_epoch)
     assert got["parsl-aurora.lock-sha256"] == hashlib.sha256(
-        (ROOT / lock.LOCK).read_bytes()).hexdigest()
+        (ROOT / lock.lock_path("3.11")).read_bytes()).hexdigest()
     assert got["parsl-aurora.base-bootstrap"] in ("debootstrap", "docker")
 
 

@@ -84,7 +84,7 @@ def test_a_clean_build_elsewhere_gives_the_same_bytes(built_image, tmp_path):
     it then rebuilds only the project layer on that base, so the match also shows that the
     cached-base path gives the same bytes as a cold build.
     """
-    prov = build.provenance(ROOT)
+    prov = build.provenance(ROOT, "3.11")
     folder = tmp_path / "elsewhere"
     build.copy_sources(ROOT, folder)
     hello = folder / "src" / "parsl_aurora" / "hello.py"

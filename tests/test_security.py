@@ -496,7 +496,7 @@ def test_build_copies_nothing_but_the_wheelhouse():
         assert sections["%files"] == ["{{ WHEELHOUSE }} /opt/wheelhouse"], definition
         assert "%setup" not in sections, definition
         assert "rm -rf /opt/wheelhouse" in " ".join(sections["%post"]), definition
-    args = inputs.build_args(base_sif=inputs.base_path("0" * 64),
+    args = inputs.build_args(python="3.11", base_sif=inputs.base_path("3.11", "0" * 64),
                           pyproject_text=(ROOT / "pyproject.toml").read_text(),
                           lock_text=b"", git_commit="c", source_date_epoch=0, stamp="s")
     options = inputs.build_options(args)

@@ -135,15 +135,18 @@ def main(argv: list[str] | None = None) -> int:
             images = list(args.images)
             if args.against is not None or not images:
                 root = build.find_root()
-                prov = build.provenance(root)
                 if args.against is not None:
                     if not args.against.is_file():
                         raise ImageError(f"--against {args.against}: no such image")
-                    bootstrap, digest = check_against(build.image_labels(args.against), prov)
+                    labels = build.image_labels(args.against)
+                    python = labels.get(inputs.LABEL_PYTHON) or inputs.running_python()
+                    prov = build.provenance(root, python)
+                    bootstrap, digest = check_against(labels, prov)
                     images = [args.against.resolve(),
-                              clean_build(root, tmp / "build", prov, bootstrap=bootstrap,
-                                          base_digest=digest)]
+                              clean_build(root, tmp / "build", prov, python=python,
+                                          bootstrap=bootstrap, base_digest=digest)]
                 else:
+                    prov = build.provenance(root, inputs.running_python())
                     images = [clean_build(root, tmp / f"build{i}", prov) for i in (1, 2)]
             if len(images) != 2:
                 p.error("give two images, --against IMAGE, or nothing to build twice")

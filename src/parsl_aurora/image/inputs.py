@@ -4,14 +4,17 @@ the build arguments (which become the labels), apptainer's options, the bootstra
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import glob
 import hashlib
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from parsl_aurora.errors import ImageError
-from parsl_aurora.image.lock import LOCK, PYTHON_VERSION, parsl_pin, project_version
+from parsl_aurora.container import PYTHON_LABEL
+from parsl_aurora.errors import ConfigError, ImageError
+from parsl_aurora.image.lock import lock_path, parsl_pin, project_version
 
 DEF = "container/aurora.def"  # the project layer, built From: the base
 BASE_DEF = "container/base.def"
@@ -21,14 +24,55 @@ EXTRA_DEF = "container/extra.def"  # a user's own packages on top of aurora.sif
 WHEELHOUSE = ".wheelhouse"  # base/, project/, extra/: what each layer's %files copies
 CACHE = ".image-cache"  # base-<key>.sif
 IMAGE = "aurora.sif"
-# The base where debootstrap cannot work (Aurora's SLES): Debian 12 slim pinned by digest, the
-# multi-arch index of the dated tag debian:bookworm-20260918-slim as Docker's official-images
-# record it (docker-library/repo-info, repos/debian/remote/bookworm-20260918-slim.md).
-# `--base-digest` names another; docker references cannot carry both a tag and a digest, so a
-# pinned base is `debian@sha256:...`.
-BASE_TAG = "debian:12-slim"
-BASE_REPO = "debian"
-BASE_DIGEST = "sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251"
+
+
+@dataclasses.dataclass(frozen=True)
+class PythonBase:
+    """The docker base an image holding one Python is built from where debootstrap cannot work
+    (Aurora's SLES), pinned by the digest of its multi-arch index."""
+
+    tag: str  # what the digest was recorded for (messages, docs); never pulled by tag
+    digest: str
+    # True: the base is plain Debian and %post installs Debian's python3 with apt-get, which
+    # needs a fakeroot that can setgroups (a /etc/subuid entry or the fakeroot command).
+    # False: the base already holds the Python in /usr/local; nothing is installed with apt.
+    apt: bool
+
+    @property
+    def repo(self) -> str:
+        return self.tag.split(":")[0]
+
+
+# Every Python an image can hold: the one place their versions and bases live. Digests as
+# Docker's official images record them (docker-library/repo-info, repos/<repo>/remote/<tag>.md):
+# docker references cannot carry both a tag and a digest, so a pinned base is `repo@sha256:...`.
+# Adding one: a line here, then `make lock PYTHON=X.Y` for its lock.
+PYTHONS = {
+    "3.10": PythonBase("python:3.10-slim-bookworm",
+                       "sha256:673f009e3763f8d03953b525c89b03a9ee8ca315bf6b8006979b5c4a4e2e4d68",
+                       apt=False),
+    # Debian 12's own Python (debootstrap where the host has it: this CI).
+    "3.11": PythonBase("debian:bookworm-20260918-slim",
+                       "sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251",
+                       apt=True),
+    "3.12": PythonBase("python:3.12-slim-bookworm",
+                       "sha256:0f5b26b9518d002b6173fd61daad821fa340635ebfec5bba471013f9ca114579",
+                       apt=False),
+}
+
+
+def running_python() -> str:
+    """major.minor of this interpreter: the default image Python (the driver's venv)."""
+    return f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def check_python(python: str) -> PythonBase:
+    if python not in PYTHONS:
+        raise ConfigError("PYTHON", python, ", ".join(PYTHONS),
+                          "drivers and workers must run one Python major.minor; load a module "
+                          "with one of these, or add a line to PYTHONS in "
+                          "src/parsl_aurora/image/inputs.py")
+    return PYTHONS[python]
 # What the project layer is built from, besides the defs and the lock.
 SOURCES = ("pyproject.toml", "README.md", "src/parsl_aurora/**/*", "site_configs/**/*",
            "container/scripts/*")
@@ -38,6 +82,7 @@ SOURCES = ("pyproject.toml", "README.md", "src/parsl_aurora/**/*", "site_configs
 # apptainer setups unpack in (apptainer#3186); nothing in the image needs another owner.
 SQUASHFS_ARGS = "-comp gzip -Xcompression-level 6 -all-root"
 LABEL_PARSL = "org.parsl-project.parsl.version"
+LABEL_PYTHON = PYTHON_LABEL  # what a driver's Python is checked against
 LABEL_STAMP = "parsl-aurora.stamp"
 LABEL_COMMIT = "org.opencontainers.image.revision"
 LABEL_LOCK = "parsl-aurora.lock-sha256"
@@ -70,10 +115,11 @@ def apt_mirror(deb822_texts: Iterable[str], sources_list: str = "") -> str:
                      "/etc/apt/sources.list; add one, or build from docker with --base-digest")
 
 
-def stamp(root: Path, extra: Iterable[str] = ()) -> str:
-    """sha256 over the defs, the lock, the project sources and `extra` (choices, provenance)."""
+def stamp(root: Path, python: str, extra: Iterable[str] = ()) -> str:
+    """sha256 over the defs, PYTHON's lock, the project sources and `extra` (choices,
+    provenance)."""
     h = hashlib.sha256()
-    files = {root / DEF, root / BASE_DEF, root / LOCK}
+    files = {root / DEF, root / BASE_DEF, root / lock_path(python)}
     for pattern in SOURCES:
         files.update(Path(p) for p in glob.glob(str(root / pattern), recursive=True))
     for path in sorted(p for p in files if p.is_file() and "__pycache__" not in p.parts):
@@ -91,8 +137,8 @@ def base_key(base_def: bytes, lock_text: bytes, choices: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def base_path(key: str) -> str:
-    return f"{CACHE}/base-{key[:24]}.sif"
+def base_path(python: str, key: str) -> str:
+    return f"{CACHE}/base-{python}-{key[:24]}.sif"
 
 
 def label_schema_date(epoch: int) -> str:
@@ -105,12 +151,15 @@ def iso_date(epoch: int) -> str:
     return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def base_build_args(*, bootstrap: str, base: str, mirror: str, key: str,
+def base_build_args(*, python: str, bootstrap: str, base: str, mirror: str, key: str,
                     source_date_epoch: int) -> dict[str, str]:
     """base.def's %arguments."""
     return {
         "BOOTSTRAP": bootstrap,
         "FROM": base,
+        "PYTHON": python,
+        # debootstrap gives plain Debian: Debian's python3 comes with apt there too.
+        "APT_PYTHON": "yes" if bootstrap == "debootstrap" or PYTHONS[python].apt else "no",
         "MIRROR": mirror,
         "WHEELHOUSE": f"{WHEELHOUSE}/base",
         "BASE_KEY": key,
@@ -119,14 +168,14 @@ def base_build_args(*, bootstrap: str, base: str, mirror: str, key: str,
     }
 
 
-def build_args(*, base_sif: str, pyproject_text: str, lock_text: bytes, git_commit: str,
-               source_date_epoch: int, stamp: str) -> dict[str, str]:
+def build_args(*, python: str, base_sif: str, pyproject_text: str, lock_text: bytes,
+               git_commit: str, source_date_epoch: int, stamp: str) -> dict[str, str]:
     """aurora.def's %arguments; together they make the labels."""
     return {
         "BASE": base_sif,
         "WHEELHOUSE": f"{WHEELHOUSE}/project",
         "PARSL_VERSION": parsl_pin(pyproject_text),
-        "PYTHON_VERSION": PYTHON_VERSION,
+        "PYTHON_VERSION": python,
         "PROJECT_VERSION": project_version(pyproject_text),
         "GIT_COMMIT": git_commit,
         "LOCK_SHA256": hashlib.sha256(lock_text).hexdigest(),
@@ -151,28 +200,44 @@ def extra_build_args(*, image: str, lock_text: bytes, date: str, stamp: str,
     }
 
 
-def build_options(args: Mapping[str, str]) -> list[str]:
+def build_options(args: Mapping[str, str], *, no_https: bool = False) -> list[str]:
     """Options for `apptainer build`: fakeroot (what Aurora and this host allow), --force (a
-    definition's labels may then replace apptainer's generated build date), squashfs, args."""
+    definition's labels may then replace apptainer's generated build date), squashfs, args;
+    --no-https for a base registry served over plain HTTP (a loopback mirror)."""
     opts = ["--fakeroot", "--force", "--mksquashfs-args", SQUASHFS_ARGS]
+    if no_https:
+        opts.append("--no-https")
     for key, value in args.items():
         opts += ["--build-arg", f"{key}={value}"]
     return opts
 
 
-def default_bootstrap(base_digest: str | None, have_debootstrap: bool, have_mirror: bool) -> str:
-    """debootstrap from the host's Debian mirror where the host has both (this CI); the pinned
-    docker base everywhere else (Aurora's SLES compute nodes), or when a digest is given."""
-    return "debootstrap" if have_debootstrap and have_mirror and not base_digest else "docker"
+def default_bootstrap(python: str, base_digest: str | None, have_debootstrap: bool,
+                      have_mirror: bool) -> str:
+    """debootstrap from the host's Debian mirror where the host has both and Debian has the
+    Python (3.11, this CI); the pinned docker base everywhere else (Aurora's SLES compute
+    nodes, a Python Debian 12 lacks), or when a digest is given."""
+    plain = have_debootstrap and have_mirror and not base_digest and PYTHONS[python].apt
+    return "debootstrap" if plain else "docker"
 
 
-def base_for(bootstrap: str, base_digest: str | None) -> str:
+def base_for(python: str, bootstrap: str, base_digest: str | None = None,
+             registry: str | None = None) -> str:
+    """The base's reference: REPO@DIGEST (Docker Hub, the default registry) or, with REGISTRY
+    (host[:port][/path] of a mirror of Docker Hub's official images), REGISTRY/REPO@DIGEST."""
+    base = check_python(python)
     if bootstrap == "debootstrap":
-        return BASE_TAG  # unused by debootstrap; keeps the header well-formed
-    if not base_digest or not base_digest.startswith("sha256:"):
-        raise ImageError(f"--base-digest={base_digest!r}: a docker build needs the digest of "
-                         f"{BASE_TAG} (sha256:...), e.g. from `skopeo inspect "
-                         f"docker://{BASE_TAG}` on a login node; or use --bootstrap debootstrap")
-    return f"{BASE_REPO}@{base_digest}"
+        if not base.apt:
+            raise ConfigError("--bootstrap", bootstrap, "docker",
+                              f"Debian 12 has no Python {python}; its base is {base.tag}, "
+                              "pulled by digest")
+        return base.repo  # unused by debootstrap; keeps the header well-formed
+    digest = base_digest or base.digest
+    if not digest.startswith("sha256:"):
+        raise ImageError(f"--base-digest={digest!r}: a docker build needs the digest of "
+                         f"{base.tag} (sha256:...), e.g. from `skopeo inspect "
+                         f"docker://{base.tag}` on a login node")
+    repo = f"{registry.rstrip('/')}/{base.repo}" if registry else base.repo
+    return f"{repo}@{digest}"
 
 

@@ -19,15 +19,18 @@ else:  # builds run on 3.11 (nox); 3.10 needs the backport
     import tomli as tomllib
 
 REQUIREMENTS_IN = "container/requirements.in"
-LOCK = "container/requirements.lock"
-# Debian 12's Python, which the lock targets; wheels are fetched for this interpreter and glibc.
-PYTHON_VERSION = "3.11"
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64",
              "linux_x86_64")
 UV_PLATFORM = "x86_64-manylinux_2_28"
 
 
 # ---------------------------------------------------------------- pure: versions and the lock
+def lock_path(python: str) -> str:
+    """The lock for the image holding Python PYTHON (major.minor): one per Python, since wheels
+    (and even versions) differ between Pythons."""
+    return f"container/requirements-{python}.lock"
+
+
 def parsl_pin(pyproject_text: str) -> str:
     """The Parsl version pinned in pyproject.toml's dependencies (the one place it is pinned)."""
     for dep in tomllib.loads(pyproject_text)["project"]["dependencies"]:
@@ -55,7 +58,7 @@ def requirements_in(pyproject_text: str) -> str:
     extras = project.get("optional-dependencies", {})
     deps = [*project["dependencies"], *(d for e in IMAGE_EXTRAS for d in extras.get(e, []))]
     head = ("# Generated from pyproject.toml by `python -m parsl_aurora.image lock`; edit the\n"
-            "# dependencies there. The image installs container/requirements.lock made from this.\n")
+            "# dependencies there. The image installs container/requirements-X.Y.lock made from this.\n")
     return head + "".join(f"{d}\n" for d in [*deps, *BUILD_TOOLS])
 
 
@@ -99,20 +102,21 @@ def uv_index_args(pip_config: Mapping[str, str]) -> list[str]:
     return args
 
 
-def _compile(uv: str, date: str, index_args: Iterable[str]) -> list[str]:
+def _compile(uv: str, python: str, date: str, index_args: Iterable[str]) -> list[str]:
     return [uv, "pip", "compile", "--quiet", "--no-header", "--exclude-newer", date,
-            "--python-version", PYTHON_VERSION, "--python-platform", UV_PLATFORM, *index_args]
+            "--python-version", python, "--python-platform", UV_PLATFORM, *index_args]
 
 
-def lock_command(uv: str, parsl_version: str, index_args: Iterable[str] = ()) -> list[str]:
-    return [*_compile(uv, exclude_newer(parsl_version), index_args), "--generate-hashes",
-            REQUIREMENTS_IN, "-o", LOCK]
+def lock_command(uv: str, python: str, parsl_version: str,
+                 index_args: Iterable[str] = ()) -> list[str]:
+    return [*_compile(uv, python, exclude_newer(parsl_version), index_args),
+            "--generate-hashes", REQUIREMENTS_IN, "-o", lock_path(python)]
 
 
-def default_set_command(uv: str, parsl_version: str, constraints: str, requirements: str,
-                        index_args: Iterable[str] = ()) -> list[str]:
+def default_set_command(uv: str, python: str, parsl_version: str, constraints: str,
+                        requirements: str, index_args: Iterable[str] = ()) -> list[str]:
     """Resolve the default path alone, held to the lock: its names, one per line, on stdout."""
-    return [*_compile(uv, exclude_newer(parsl_version), index_args), "--no-annotate",
+    return [*_compile(uv, python, exclude_newer(parsl_version), index_args), "--no-annotate",
             "-c", constraints, requirements]
 
 
@@ -154,7 +158,7 @@ def split_lock(lock_text: str) -> dict[str, str]:
     path) and build (tools used from their wheels), per its `# image layout:` line."""
     m = LAYOUT_RE.search(lock_text)
     if not m:
-        raise ImageError(f"{LOCK} has no `# image layout:` line; regenerate it with "
+        raise ImageError("the lock has no `# image layout:` line; regenerate it with "
                          "`nox -s lock`")
     places = {n: "monitoring" for n in m.group(1).split(",") if n}
     places.update({n: "build" for n in m.group(2).split(",") if n})
@@ -169,12 +173,13 @@ def constraints_text(lock_text: str) -> str:
     return "".join(f"{n}=={v}\n" for n, v in sorted(pinned_versions(lock_text).items()))
 
 
-def download_command(python: str, requirements: str, dest: str) -> list[str]:
-    """Fetch locked wheels for the image's Python and platform, checking every hash."""
+def download_command(pip_python: str, python: str, requirements: str, dest: str) -> list[str]:
+    """Fetch locked wheels for the image's Python (PYTHON, major.minor) and platform, checking
+    every hash; PIP_PYTHON runs pip."""
     platforms = [a for p in PLATFORMS for a in ("--platform", p)]
-    return [python, "-m", "pip", "download", "--quiet", "--require-hashes", "--no-deps",
-            "--only-binary=:all:", "--python-version", PYTHON_VERSION, "--implementation", "cp",
-            "--abi", "cp" + PYTHON_VERSION.replace(".", ""), "--abi", "abi3", "--abi", "none",
+    return [pip_python, "-m", "pip", "download", "--quiet", "--require-hashes", "--no-deps",
+            "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
+            "--abi", "cp" + python.replace(".", ""), "--abi", "abi3", "--abi", "none",
             *platforms, "--platform", "any", "-r", requirements, "-d", dest]
 
 
@@ -207,9 +212,9 @@ def check_date(value: str, image_date: str) -> str:
     return day.isoformat()
 
 
-def extra_lock_command(uv: str, date: str, constraints: str, requirements: str, out: str,
-                       index_args: Iterable[str] = ()) -> list[str]:
-    return [*_compile(uv, date, index_args), "--generate-hashes", "-c", constraints,
+def extra_lock_command(uv: str, python: str, date: str, constraints: str, requirements: str,
+                       out: str, index_args: Iterable[str] = ()) -> list[str]:
+    return [*_compile(uv, python, date, index_args), "--generate-hashes", "-c", constraints,
             requirements, "-o", out]
 
 
