@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from clusters import wait_for
-from conftest import tiny_sif
+from conftest import module_environment, tiny_sif
 
 from parsl_aurora import fake, modes, selfcheck
 from site_configs import local, pbs
@@ -111,7 +111,8 @@ def test_each_check_fails_when_its_assumption_breaks(tmp_path, monkeypatch):
     assert selfcheck.interface(replace(site, interface="hsn0")).ok is False
     assert selfcheck.interface(site).ok is True
     # modules: one no module system can load.
-    assert selfcheck.modules({**os.environ, "LOADEDMODULES": "nosuch/1.0"}).ok is False
+    assert selfcheck.modules({**os.environ, "LOADEDMODULES": "nosuch/1.0",
+                              "LMOD_PKG": "/usr/share/lmod/lmod"}).ok is False
     assert selfcheck.modules({**os.environ, "LOADEDMODULES": ""}).ok is True
 
 
@@ -163,6 +164,7 @@ def test_routes_follow_the_checks():
     assert bad["b"][1] == "fails: python vs image" and bad["a"][1] == "works"
 
 
+@pytest.mark.needs("lmod")
 def test_a_module_whose_parsl_shadows_the_bundles_fails(tmp_path):
     """A module that puts another Parsl on PYTHONPATH (as the PE's py-parsl would) shadows the
     bundle's in every block: Lmod loads it for real and the check says so."""
@@ -173,7 +175,7 @@ def test_a_module_whose_parsl_shadows_the_bundles_fails(tmp_path):
     modulefiles.mkdir(parents=True)
     (modulefiles / "2024.1.1.lua").write_text(
         f'prepend_path("PYTHONPATH", "{shadow.parent}")\n')
-    env = {**os.environ, "MODULEPATH": str(modulefiles.parent), "LOADEDMODULES": ""}
+    env = module_environment({**os.environ, "MODULEPATH": str(modulefiles.parent)})
     assert selfcheck.modules(env).ok is True
-    check = selfcheck.modules({**env, "LOADEDMODULES": "py-parsl/2024.1.1"})
+    check = selfcheck.modules(module_environment(env, "module load py-parsl/2024.1.1"))
     assert check.ok is False and "imports parsl 2024.1.1" in check.detail, check

@@ -155,25 +155,18 @@ def python_vs_image(image: str | None) -> Check:
                  f"{here} (from its labels)")
 
 
-def module_lines(loaded: str) -> list[str]:
-    """The shell lines that load, in a fresh shell, the modules in `loaded` ($LOADEDMODULES)."""
-    names = [m for m in loaded.split(":") if m]
-    if not names:
-        return []
-    return ['type module >/dev/null 2>&1 || source "${LMOD_PKG:-/usr/share/lmod/lmod}/init/bash"',
-            "module load " + " ".join(names)]
-
-
 def modules(env: Mapping[str, str]) -> Check:
     """The modules a block will load (those loaded here) load in a fresh shell, and after them
     and this environment's activation the block's Python imports this driver's Parsl: a
     module's PYTHONPATH (the PE's own py-parsl, say) must not shadow it."""
     import parsl
 
-    lines = module_lines(env.get("LOADEDMODULES", ""))
+    from parsl_aurora import lmod
+
+    lines = lmod.replay(env, modules=True, worker_init_uses=False)
     probe = "python3 -c 'import parsl; print(parsl.__version__, parsl.__file__)'"
     rc, out = _run("\n".join(["set -e", *lines, modes.driver_environment(), probe]), env=env)
-    loaded = lines[-1].removeprefix("module load ") if lines else "none"
+    loaded = " ".join(lmod.loaded(env)) or "none"
     if rc != 0:
         return Check("modules", False, f"loading {loaded} and this environment in a fresh "
                      f"shell: {_gist(out)}",
