@@ -31,10 +31,12 @@ FENCE = re.compile(r"^```(\S*)(.*)$")
 SUBSTITUTE = [
     (r"module load python/3.12.12 apptainer", "true",
      "no such modules here: the machine's python3 and apptainer are on PATH"),
-    (r"git clone <url-of-this-repository> \$HOME/parsl-aurora", "{copy}",
+    (r"export WORK=/lus/flare/projects/\$PROJECT/\$USER", "export WORK=$HOME/flare",
+     "no Flare here: a folder in the scratch HOME stands in for the project's"),
+    (r"git clone <url-of-this-repository> \$WORK/parsl-aurora", "{copy}",
      ("a copy of the checkout under test (working tree, uncommitted changes included), and of "
       "the image the session built from it, so `make image` finds it up to date")),
-    (r"pip install \$HOME/parsl-aurora", 'pip install -q "$HOME/parsl-aurora[fake]"',
+    (r"pip install \$WORK/parsl-aurora", 'pip install -q "$WORK/parsl-aurora[fake]"',
      "the fake PALS mpiexec starts ranks with MPICH"),
     (r"qsub -I .*", "true", "this machine stands in for the compute node"),
     (r"exit", "true", "no interactive job to leave"),
@@ -44,6 +46,8 @@ SUBSTITUTE = [
      "make pull REGISTRY={registry} TAG={tag} VERIFY_KEY={key} INSECURE=1",
      "a loopback registry the test published the image to"),
     (r"export PARSL_SITE=aurora (.*)", r"export PARSL_SITE=local \1", "the fake cluster"),
+    (r"parsl-aurora check --site aurora (.*)", r"parsl-aurora check --site local \1",
+     "the fake cluster's site; this machine stands in for the compute node"),
     (r"qstat -u \$USER", "{fake_qstat} -u $USER",
      "the fake PBS is no command on PATH: the local site puts it on the driver's"),
 ]
@@ -221,7 +225,7 @@ def guide(tmp_path) -> Guide:
     scratch = tmp_path
     home = scratch / "home"
     home.mkdir(parents=True)
-    copy = home / "parsl-aurora"
+    copy = home / "flare" / "parsl-aurora"
     values = {"copy": f"mkdir -p {copy} && cp -a {tmp_path / 'checkout'}/. {copy}/",
               "fake_qstat": _fake_qstat(), "registry": "", "tag": "", "key": ""}
     (tmp_path / "checkout").mkdir()
@@ -299,7 +303,7 @@ def test_the_guide_on_the_fake_cluster(guide, tmp_path):
         if block.text.startswith("nohup python campaign.py"):
             _driver_ended(guide)
     out = guide.outputs
-    campaign = guide.home / "campaign"
+    campaign = guide.home / "flare" / "campaign"
     first, second = campaign / "runinfo" / "000", campaign / "runinfo" / "001"
     assert "config ok" in out["parsl-aurora render aurora multi_job --set account=$PROJECT "
                               "> /dev/null && echo config ok"]
@@ -321,7 +325,7 @@ def test_the_guide_on_the_fake_cluster(guide, tmp_path):
         script = submitted(run_dir)
         lines = [x for x in script.splitlines() if x.startswith(("module load ", "source "))]
         assert lines == ["module load frameworks/2025.3.1 || exit 1",
-                         f"source {guide.home}/parsl-aurora-env/bin/activate"], script
+                         f"source {guide.home}/flare/parsl-aurora-env/bin/activate"], script
         assert ("export ZE_FLAT_DEVICE_HIERARCHY=FLAT\n"
                 "export ONEAPI_DEVICE_SELECTOR=level_zero:gpu") in script
     assert "driver: ended" in out["parsl-aurora status"]
@@ -361,7 +365,7 @@ def test_the_guide_image_steps(guide, tmp_path, built_image, data_keys):
     assert "signature and sha256" in out["make pull REGISTRY=oras://<registry>/<repo> "
                                          "TAG=<tag> VERIFY_KEY=<publisher.pem>"]
     # The driver ran in the image: its blocks activate the image's Python, not the venv's.
-    run_dir = guide.home / "campaign" / "runinfo" / "000"
+    run_dir = guide.home / "flare" / "campaign" / "runinfo" / "000"
     tag = runs.read_record(run_dir)["run_tag"]
     scripts = [p for p in (run_dir / "submit_scripts").glob(f"{tag}.*") if not p.suffix[1:]
                .startswith("std")]
