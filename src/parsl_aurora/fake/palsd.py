@@ -106,10 +106,19 @@ def forward(path: str, argv: list[str]) -> int:
                     return 255
                 time.sleep(0.1)
         fds = [fd if _is_open(fd) else os.open(os.devnull, os.O_RDWR) for fd in (0, 1, 2)]
-        socket.send_fds(s, [b"."], fds)
-        s.sendall(json.dumps(request).encode() + b"\n")
-        reply = s.makefile("rb").readline()
-    return int(reply) if reply.strip().isdigit() else 255
+        try:
+            socket.send_fds(s, [b"."], fds)
+            s.sendall(json.dumps(request).encode() + b"\n")
+            reply = s.makefile("rb").readline()
+        except (BrokenPipeError, ConnectionResetError):
+            # Refused unanswered: the daemon serves its own user only. Whether the close
+            # reaches us as a broken pipe or a reset depends on timing.
+            reply = b""
+    if not reply.strip().isdigit():
+        print(f"mpiexec: the PALS daemon at {path} closed the connection unanswered (is it "
+              "another user's?)", file=sys.stderr)
+        return 255
+    return int(reply)
 
 
 def _address(name: str) -> str:
