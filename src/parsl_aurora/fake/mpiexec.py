@@ -317,31 +317,7 @@ def end_what_is_left(grace: float = ABORT_GRACE_S) -> None:
     application's processes with it. hydra signals only its ranks' process groups, so a
     process a rank put in a group of its own (the worker-pool guard's pool) would outlive a
     rank hydra killed; as a subreaper we inherited it. SIGTERM, then SIGKILL after `grace`."""
-    me = os.getpid()
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
-        left = procs.descendants(me)
-        if not left:
-            return
-        for pid in left:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and procs.descendants(me):
-            _reap_orphans()
-            time.sleep(0.1)
-    _reap_orphans()
-
-
-def _reap_orphans() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    procs.end_descendants(grace, grace)
 
 
 def launch_directly(req: Request, host_cpus: list[int]) -> int:

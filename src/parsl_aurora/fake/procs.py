@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import signal
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,3 +60,45 @@ def become_subreaper() -> None:
 
     PR_SET_CHILD_SUBREAPER = 36
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def reaped() -> Iterator[tuple[int, int]]:
+    """(pid, wait status) of each child that has ended, without waiting for any."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:  # ended meanwhile
+            pass
+
+
+def end_descendants(term_grace: float, kill_grace: float, poll: float = 0.1,
+                    on_exit: Callable[[int, int], None] = lambda pid, status: None) -> None:
+    """SIGTERM every process below this one, SIGKILL what is left after `term_grace` s (and
+    again any forked meanwhile) for at most `kill_grace` s more; every child reaped on the way
+    goes to `on_exit`. A subreaper (become_subreaper) finds orphans among its descendants."""
+    me = os.getpid()
+    for sig, wait in ((signal.SIGTERM, term_grace), (signal.SIGKILL, kill_grace)):
+        deadline = time.monotonic() + wait
+        _signal(descendants(me), sig)
+        while time.monotonic() < deadline:
+            for pid, status in reaped():
+                on_exit(pid, status)
+            left = descendants(me)
+            if not left:
+                return
+            if sig == signal.SIGKILL:
+                _signal(left, sig)  # children forked after the first round
+            time.sleep(poll)
+    for pid, status in reaped():
+        on_exit(pid, status)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -82,40 +81,20 @@ def start(job_id: str) -> None:
 
 
 def _reap(main: int, codes: dict[int, int]) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        if pid == main:
-            code = os.waitstatus_to_exitcode(status)
-            codes[main] = 256 - code if code < 0 else code  # killed by signal N -> 256 + N
+    for pid, status in procs.reaped():
+        _record(main, codes, pid, status)
 
 
-def _kill_all(sig: int, pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+def _record(main: int, codes: dict[int, int], pid: int, status: int) -> None:
+    if pid == main:
+        code = os.waitstatus_to_exitcode(status)
+        codes[main] = 256 - code if code < 0 else code  # killed by signal N -> 256 + N
 
 
 def end_job(main: int, codes: dict[int, int], delay: float) -> None:
     """SIGTERM everything the job started, SIGKILL what is left after `delay` seconds."""
-    me = os.getpid()
-    for sig, wait in ((signal.SIGTERM, delay), (signal.SIGKILL, 10.0)):
-        deadline = time.monotonic() + wait
-        _kill_all(sig, procs.descendants(me))
-        while time.monotonic() < deadline:
-            _reap(main, codes)
-            left = procs.descendants(me)
-            if not left:
-                return
-            if sig == signal.SIGKILL:
-                _kill_all(sig, left)  # children forked after the first round
-            time.sleep(POLL)
+    procs.end_descendants(delay, 10.0, POLL,
+                          lambda pid, status: _record(main, codes, pid, status))
 
 
 def pbs_variables(job: dict, home: str, tmpdir: Path, nodefile: Path) -> dict[str, str]:
