@@ -44,6 +44,11 @@ PROBE_UP_TO = 512  # simulated managers per process (one process per block)
 TASKS = 5000
 WORKERS = 12  # per manager: one per GPU tile, as the bundle runs Aurora's nodes
 BUSY = 0.95
+# The measured busy share: tasks of the derived shortest length run for at least this long
+# between the first wave's end and the last wave's start; only up to BUSY_UP_TO pools (past
+# that the driver would hold hundreds of thousands of tasks at once).
+BUSY_WINDOW = 20.0
+BUSY_UP_TO = 4096
 # Bounds on one run: what the managers, the interchange and the driver may hold in all, and
 # how long the run may take before it is stopped and reported as such.
 MEMORY = 8 * 2**30
@@ -64,7 +69,7 @@ def sim_command(managers: int, guarded: bool, probe: bool) -> str:
     as often as the guard starts a pool."""
     starts = guard_starts() if guarded else 1
     return (f"{sys.executable} -m parsl_aurora.fake.managers --managers {managers} "
-            f"--starts {starts}" + ("" if probe else " --no-probe"))
+            f"--starts {starts} --hold" + ("" if probe else " --no-probe"))
 
 
 def guard_starts() -> int:
@@ -129,8 +134,58 @@ def config(setting: str, n: int, run_dir: str):
     return Config(executors=executors(setting, n, run_dir), run_dir=run_dir, **extra)
 
 
-def noop() -> int:
-    return 1
+def noop() -> None:
+    return None
+
+
+def hold(seconds: float) -> float:
+    """A task of `seconds`: the simulated pools (--hold) keep its worker busy that long."""
+    return seconds
+
+
+def busy_share(before: dict, after: dict, workers: int) -> float:
+    """The share of `workers` busy between two reads of the pools' reports ({pid: (time,
+    worker-seconds)}): each process's worker-seconds over its own clock, summed."""
+    return sum((after[p][1] - before[p][1]) / (after[p][0] - before[p][0])
+               for p in before if p in after and after[p][0] > before[p][0]) / workers
+
+
+def busy_fraction(app, length: float, workers: int, run_dir: str,
+                  window: float = BUSY_WINDOW) -> dict:
+    """Run tasks of `length` s on every worker, enough for at least BUSY_WINDOW s of them after
+    the first wave ends and before the last one starts; measure the share of workers busy in
+    that window from the worker-seconds the pools report (each process over its own clock)."""
+    waves = 2 + math.ceil(window / length)
+    count = workers * waves
+    done = [0]
+    lock = threading.Lock()
+
+    def one_more(_):
+        with lock:
+            done[0] += 1
+
+    start = time.monotonic()
+    futures: list = []
+
+    def submit() -> None:  # while the driver submits, tasks already run and end
+        for _ in range(count):
+            futures.append(app(length))
+            futures[-1].add_done_callback(one_more)
+
+    submitter = threading.Thread(target=submit)
+    submitter.start()
+    snaps = []
+    for mark in (workers, count - workers):
+        while done[0] < mark:
+            time.sleep(0.05)
+        snaps.append({r["pid"]: (r["at"], r["busy_s"]) for r in sim_reports(run_dir)})
+    submitter.join()
+    for f in futures:
+        f.result()
+    a, b = snaps
+    return {"held_s": length, "held_tasks": count, "busy": busy_share(a, b, workers),
+            "busy_window_s": max(b[p][0] - a[p][0] for p in a if p in b),
+            "held_run_s": time.monotonic() - start}
 
 
 def sim_reports(run_dir: str) -> list[dict]:
@@ -178,9 +233,11 @@ class Watch:
 
 
 def one(setting: str, n: int, window: float, tasks: int, soft_limit: int | None,
-        limit: float = RUN_LIMIT) -> dict:
+        limit: float = RUN_LIMIT, busy: float = 0.0) -> dict:
     """Load, wait for every manager, watch heartbeats for `window` s (below 0: that many
-    heartbeat periods), run no-op tasks."""
+    heartbeat periods), run no-op tasks; with `busy` (s), then tasks of the length the no-op
+    rate says keeps BUSY of the workers busy for at least that long, measuring the share it
+    does, and again at the length that share implies."""
     import psutil
 
     if soft_limit:
@@ -230,8 +287,17 @@ def one(setting: str, n: int, window: float, tasks: int, soft_limit: int | None,
         result["tasks_per_s"] = tasks / elapsed
         result["ic_cpu_tasks"] = (sum(sum(p.cpu_times()[:2]) for p in ics) - cpu0) / elapsed
         result["still_registered"] = sum(e.connected_workers for e in exs) // WORKERS
+        if busy:
+            # First at the length the no-op burst's rate implies, then at the length the
+            # first's busy share implies (the sustained rate can be lower than a burst's).
+            first = busy_fraction(parsl.python_app(hold), BUSY * n * WORKERS /
+                                  result["tasks_per_s"], n * WORKERS, run_dir, busy)
+            result["busy_runs"] = [first, busy_fraction(
+                parsl.python_app(hold), first["held_s"] * BUSY / max(first["busy"], 0.05), n * WORKERS,
+                run_dir, busy)]
         time.sleep(2)  # each process rewrites its report every second
         reports = sim_reports(run_dir)
+        result["held_worker_s"] = sum(r.get("busy_s", 0) for r in reports)
     rtts = [r for rep in reports for r in rep["rtts"]]
     states: dict[str, int] = {}
     for rep in reports:
@@ -249,9 +315,10 @@ def one(setting: str, n: int, window: float, tasks: int, soft_limit: int | None,
 
 # ---------------------------------------------------------------- the series, and the page
 def run(setting: str, n: int, window: float, tasks: int, soft_limit: int | None = None,
-        limit: float = RUN_LIMIT) -> dict:
+        limit: float = RUN_LIMIT, busy: float = 0.0) -> dict:
     cmd = [sys.executable, __file__, "--one", setting, "--managers", str(n),
            "--window", str(window), "--tasks", str(tasks), "--limit", str(limit)]
+    cmd += ["--busy", str(busy)] if busy else []
     if soft_limit:
         cmd += ["--soft-limit", str(soft_limit)]
     load = os.getloadavg()[0]
@@ -291,10 +358,14 @@ def main() -> int:
     p.add_argument("--one", choices=(*SETTINGS, *EXTRA_SETTINGS), help=argparse.SUPPRESS)
     p.add_argument("--managers", type=int, default=300, help=argparse.SUPPRESS)
     p.add_argument("--soft-limit", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--busy", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--busy-up-to", type=int, default=BUSY_UP_TO,
+                   help="measure the busy share of the bundle's runs up to this many pools")
     a = p.parse_args()
     if a.one:
         window = 0.0 if a.window is None else a.window
-        print(json.dumps(one(a.one, a.managers, window, a.tasks, a.soft_limit, a.limit)))
+        print(json.dumps(one(a.one, a.managers, window, a.tasks, a.soft_limit, a.limit,
+                             a.busy)))
         return 0
     if not a.from_json:
         sizes = [128, 512] if a.quick else [int(s) for s in a.sizes.split(",") if s]
@@ -304,7 +375,9 @@ def main() -> int:
         window = a.window if a.window is not None else (-1.2 if a.quick else -2)
         for n in sizes:
             for setting in a.settings.split(","):
-                runs.append(run(setting, n, window, a.tasks, limit=a.limit))
+                runs.append(run(setting, n, window, a.tasks, limit=a.limit,
+                                busy=BUSY_WINDOW if setting == "bundle" and n <= a.busy_up_to
+                                else 0.0))
         if a.split and not a.quick:
             runs.append(run("split", a.split, window, a.tasks, limit=a.limit))
         for setting in ("real", "bundle") if a.check else ():
@@ -339,6 +412,16 @@ LABEL = {"bundle": "bundle", "parsl": "Parsl's defaults", "split": "bundle, 2 ex
          "real": "bundle, Parsl's real pools", "fixed": "bundle, heartbeat not slowed"}
 
 
+def shortest(r: dict) -> str:
+    """The shortest task keeping BUSY of the workers busy: measured (the second length tried,
+    with the share it kept busy) where the run measured it, else derived from the no-op rate."""
+    if "busy_runs" in r:
+        first, last = r["busy_runs"]
+        return (f"{last['held_s']:.1f} (measured: {last['busy']:.0%} busy; "
+                f"{first['held_s']:.1f} s: {first['busy']:.0%})")
+    return f"{r['shortest_task_s']:.1f} (derived)"
+
+
 def _registered(r: dict) -> str:
     if r["register_s"] is None:
         return f"never ({r['registered']:,} of {r['managers']:,})"
@@ -366,7 +449,7 @@ def _row(r: dict) -> list[str]:
     return [f"{r['managers']:,}", label,
             _registered(r), _lost(r),
             f"{_ms(r['rtt_p50'])} / {_ms(r['rtt_p99'])}", _pct(r["ic_cpu_idle"]),
-            _pct(r["ic_cpu_tasks"]), f"{r['tasks_per_s']:.0f}", f"{r['shortest_task_s']:.1f}",
+            _pct(r["ic_cpu_tasks"]), f"{r['tasks_per_s']:.0f}", shortest(r),
             f"{r['peak_rss'] / 2**30:.1f}", f"{r['load_before']:.0f}"]
 
 
@@ -414,7 +497,7 @@ def render(data: dict) -> str:
                 and r["heartbeat"] == bundle_heartbeat(r)]
     env_rows = [[f"{r['managers']:,}" + (" (2 x half)" if r["setting"] == "split" else ""),
                  "{} s / {} s".format(*r["heartbeat"]), _registered(r), _lost(r), _pct(r["ic_cpu_idle"]), f"{r['tasks_per_s']:.0f}",
-                 f"{r['shortest_task_s']:.0f}"] for r in envelope]
+                 shortest(r)] for r in envelope]
     return TEMPLATE.format(
         table=harness.md_table(HEADER, [_row(r) for r in scale]),
         check=(harness.md_table(HEADER, [_row(r) for r in check]) + "\n\n" + compare(check)
@@ -424,7 +507,8 @@ def render(data: dict) -> str:
              "interchange CPU, heartbeats alone",
              "no-op tasks/s", IDLE_HEADER], env_rows),
         **{k: data[k] for k in ("started", "machine", "uptime")}, workers=WORKERS,
-        busy=f"{BUSY:.0%}", probe_up_to=PROBE_UP_TO, per=PER_PROCESS)
+        busy=f"{BUSY:.0%}", probe_up_to=PROBE_UP_TO, per=PER_PROCESS, busy_up_to=BUSY_UP_TO,
+        window=BUSY_WINDOW)
 
 
 IDLE_HEADER = f"tasks shorter than this (s) leave over {100 - BUSY * 100:.0f}% of workers idle"
@@ -460,7 +544,9 @@ square of the pools above 4,096 per interchange), one interchange:
   30 s timeout first, which shows in the registration time of a run that had one
   <!-- claim: tests/test_scale.py::test_the_guard_starts_a_pool_again_when_its_address_probe_missed -->.
 - Tasks: the last column is the shortest task that keeps {busy} of the workers ({workers} per
-  pool) busy at the no-op rate measured here; shorter tasks should be batched into longer ones.
+  pool) busy, measured up to {busy_up_to:,} pools (tasks of that length run on every worker
+  for at least {window:.0f} s; the share of workers busy beside it), derived from the no-op rate
+  beyond; shorter tasks should be batched into longer ones.
 
 ## Every run
 
@@ -499,17 +585,25 @@ pools' processes included); pools lost (not registered at the end); heartbeat ro
 pools see it (sent on the task channel, the interchange's answer received), over the whole run;
 the interchange's CPU (user + system, one core = 100%) over two heartbeat periods with no tasks,
 and while the tasks run; no-op `python_app` tasks per second, 5,000 from the driver, after a
-warm-up task; the shortest task that keeps {busy} of the workers busy, derived as {busy} x
-workers / no-op rate (tasks of that length are handed out as fast as workers free up), not
-measured; the peak memory of the driver, interchange and pools together. Each run is stopped
-past 8 GB or 10 minutes.
+warm-up task; the shortest task that keeps {busy} of the workers busy: up to {busy_up_to:,}
+pools measured in the bundle's runs, twice: tasks of {busy} x workers / no-op rate seconds
+(the length the no-op burst implies), then of that length x {busy} / the share of workers the
+first kept busy (a steady stream is slower than a burst of 5,000); each time 2 waves plus at
+least {window:.0f} s of tasks, one per worker per wave, submitted from one thread as a workflow
+does, the simulated pools keeping each task's worker busy for its length without spending CPU
+(`--hold`), and the share of workers busy measured from the worker-seconds the pools report
+between the end of the first wave and the start of the last; shown is the second length and
+the share it kept busy. Past {busy_up_to:,} pools (hundreds of thousands of tasks held by
+one driver) and in Parsl's default runs it is derived, {busy} x workers / no-op rate, and says
+so; the peak memory of the driver, interchange and pools together. Each run is stopped past
+8 GB or 10 minutes.
 
 This machine is a pessimistic stand-in for an Aurora login node: 2 cores, shared with other
 work (the load above), and the simulated pools run on the same 2 cores as the interchange and
 the driver, where on Aurora they run on the compute nodes. The interchange's CPU share and the
 round trips are upper bounds, and the no-op rate a lower bound (so the shortest task an upper
-bound), for a login node; the registration time here includes starting the pools' processes
-on these 2 cores. The open-file limit and the message counts (2 x pools / heartbeat period per
+bound), for a login node (where, too, a driver busy with other work submits more slowly);
+the registration time here includes starting the pools' processes on these 2 cores. The open-file limit and the message counts (2 x pools / heartbeat period per
 second) are the same anywhere.
 """
 

@@ -23,11 +23,12 @@ POOLS = 300
 SOFT = 256
 
 
-def scale_run(tmp_path: Path, setting: str, pools: int, soft: int) -> dict:
+def scale_run(tmp_path: Path, setting: str, pools: int, soft: int, *extra: str) -> dict:
     """One run of the scale bench: a real driver under a soft open-file limit of `soft`."""
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--one", setting,
-                        "--managers", str(pools), "--soft-limit", str(soft), "--tasks", "300"],
+                        "--managers", str(pools), "--soft-limit", str(soft), "--tasks", "300",
+                        *extra],
                        cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -110,3 +111,33 @@ def test_the_heartbeat_slows_with_the_square_of_the_pools_above_4096():
     ex = aurora.multi_job(account="P", queue="prod", nodes_per_job=1000, max_jobs=9,
                           walltime="1:00:00", address="10.1.2.3").executors[0]
     assert (ex.heartbeat_period, ex.heartbeat_threshold) == (49, 290)
+
+
+def test_a_simulated_pool_holds_each_task_its_length_and_counts_its_worker_seconds():
+    from parsl_aurora.fake.managers import Held
+
+    held = Held()
+    a, b = object(), object()
+    held.add(100.0, 2.0, a, b"x")
+    held.add(101.0, 0.5, b, b"y")
+    assert held.ready(101.4) == {}
+    assert held.busy_seconds(101.4) == pytest.approx(1.4 + 0.4)
+    assert held.ready(101.5) == {b: [b"y"]}  # the shorter task first, when its time is up
+    assert held.next_due(0) == 102.0
+    assert held.ready(102.0) == {a: [b"x"]}
+    # Each worker busy its task's length, however late the loop sends the result.
+    assert held.busy_seconds(105.0) == pytest.approx(2.5)
+
+
+@pytest.mark.slow
+def test_the_busy_share_is_measured_with_tasks_held_their_length(tmp_path):
+    # 12 pools of 12 workers; tasks of the length the no-op rate implies, then of the length
+    # the first share implies, for 2 s each between the first wave and the last: the pools'
+    # worker-seconds are exactly the tasks' lengths, and the shares are shares.
+    r = scale_run(tmp_path, "bundle", 12, 1024, "--busy", "2")
+    first, second = r["busy_runs"]
+    for run in (first, second):
+        assert run["held_tasks"] >= 3 * 12 * 12, run
+        assert 0 < run["busy"] <= 1.01, run
+    held = sum(run["held_tasks"] * run["held_s"] for run in r["busy_runs"])
+    assert r["held_worker_s"] == pytest.approx(held, rel=1e-3), r

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import logging
 import math
@@ -69,16 +70,49 @@ class Sim:
                 sock.close()
 
 
-def run_task(task: dict) -> bytes:
-    """One task through Parsl's execute_task, packaged as the pool's worker() packages it."""
+def run_task(task: dict) -> tuple[bytes, float]:
+    """One task through Parsl's execute_task, packaged as the pool's worker() packages it, and
+    the seconds its worker stays busy under --hold: a float the task returns, else none."""
     tid = task["task_id"]
+    held = 0.0
     try:
+        value = execute_task(task["buffer"])
+        held = value if isinstance(value, float) else 0.0
         package = {"type": "result", "task_id": tid,
-                   "result": serialize(execute_task(task["buffer"]), buffer_threshold=1000000)}
+                   "result": serialize(value, buffer_threshold=1000000)}
     except Exception:  # noqa: BLE001 - a task's failure is its result, as in the pool
         package = {"type": "result", "task_id": tid,
                    "exception": serialize(RemoteExceptionWrapper(*sys.exc_info()))}
-    return pickle.dumps(package)
+    return pickle.dumps(package), held
+
+
+class Held:
+    """Results kept back until their tasks' time is up (--hold), and the worker-seconds they
+    have kept workers busy: tasks of any length without spending this machine's CPU."""
+
+    def __init__(self):
+        self.due: list[tuple[float, int, float, Sim, bytes]] = []
+        self.done_s, self.count = 0.0, 0
+
+    def add(self, now: float, seconds: float, sim: Sim, result: bytes) -> None:
+        self.count += 1
+        heapq.heappush(self.due, (now + seconds, self.count, now, sim, result))
+
+    def ready(self, now: float) -> dict[Sim, list[bytes]]:
+        """The results due by now, by manager."""
+        out: dict[Sim, list[bytes]] = {}
+        while self.due and self.due[0][0] <= now:
+            due, _, start, sim, result = heapq.heappop(self.due)
+            self.done_s += due - start
+            out.setdefault(sim, []).append(result)
+        return out
+
+    def busy_seconds(self, now: float) -> float:
+        """Worker-seconds so far: each task's length once done, its time so far until then."""
+        return self.done_s + sum(min(now, due) - start for due, _, start, _, _ in self.due)
+
+    def next_due(self, default: float) -> float:
+        return self.due[0][0] if self.due else default
 
 
 def worker_count(a) -> int:
@@ -99,6 +133,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "under the guard, which starts a pool again after a missed probe)")
     p.add_argument("--no-probe", action="store_true",
                    help="connect to the first address without Parsl's probe")
+    p.add_argument("--hold", action="store_true",
+                   help="a task returning a float keeps its worker that many seconds before "
+                        "its result is sent")
     p.add_argument("-a", "--addresses", required=True)
     p.add_argument("--task_port", required=True)
     p.add_argument("--result_port", required=True)
@@ -116,14 +153,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def report(path: Path, sims: list[Sim], rtts: list[float], tasks: int, started: float) -> None:
+def report(path: Path, sims: list[Sim], rtts: list[float], tasks: int, started: float,
+           held: Held) -> None:
     states: dict[str, int] = {}
     for s in sims:
         states[s.state] = states.get(s.state, 0) + 1
     registered = [s.registered_at - started for s in sims if s.registered_at is not None]
     states["probe_misses"] = sum(s.misses for s in sims)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "managers": len(sims), "states": states,
+    now = time.time()
+    tmp.write_text(json.dumps({"pid": os.getpid(), "at": now, "busy_s": held.busy_seconds(now),
+                               "managers": len(sims), "states": states,
                                "registered": len(registered),
                                "last_registered": max(registered, default=None),
                                "rtts": rtts, "tasks": tasks}))
@@ -141,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.logdir, f"sim-{a.block_id}-{os.getpid()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     rtts: list[float] = []
-    report(out, sims, rtts, 0, started)
+    held = Held()
+    report(out, sims, rtts, 0, started, held)
     # Every manager of a block probes at once, as one mpiexec starts them; each probe is
     # Parsl's own, so its race (#1666) is kept: a missed probe is a pool that exits 5.
     probes = ThreadPoolExecutor(max_workers=min(PROBES, a.managers))
@@ -186,11 +227,15 @@ def main(argv: list[str] | None = None) -> int:
                 poller.unregister(sim.task_incoming)
                 del by_socket[sim.task_incoming]
                 sim.close("lost")
+        for sim, results in held.ready(now).items():
+            if sim.state == "running":
+                sim.result_outgoing.send_multipart(results)
         if now >= last_report + REPORT_EVERY:
-            report(out, sims, rtts, tasks, started)
+            report(out, sims, rtts, tasks, started, held)
             last_report = now
         due = min((min(s.last_beat + a.hb_period, s.last_contact + a.hb_threshold)
                    for s in by_socket.values()), default=now + REPORT_EVERY)
+        due = min(due, held.next_due(due))
         wait = min(due - time.time(), 0.01 if probing else REPORT_EVERY)
         for sock, _ in poller.poll(timeout=max(0.0, wait) * 1000):
             sim = by_socket[sock]
@@ -209,9 +254,15 @@ def main(argv: list[str] | None = None) -> int:
                 del by_socket[sock]
                 sim.close("drained")
             else:
-                sim.result_outgoing.send_multipart([run_task(t) for t in work])
+                done = [run_task(t) for t in work]
                 tasks += len(work)
-    report(out, sims, rtts, tasks, started)
+                if a.hold:
+                    for result, seconds in [d for d in done if d[1] > 0]:
+                        held.add(received, seconds, sim, result)
+                    done = [d for d in done if d[1] <= 0]
+                if done:
+                    sim.result_outgoing.send_multipart([result for result, _ in done])
+    report(out, sims, rtts, tasks, started, held)
     probes.shutdown()
     return 0
 
