@@ -27,7 +27,7 @@ from pathlib import Path
 import harness
 
 DOC = harness.ROOT / "docs" / "scale.md"
-RESULTS = harness.WORK / "scale.json"
+RESULTS = harness.ROOT / "benchmarks" / "scale.json"  # committed with the page it renders
 SIZES = (128, 512, 2048, 4096, 9000)
 SPLIT = 10000  # as two executors of half each: the open-file limit is per interchange
 SETTINGS = ("bundle", "parsl")
@@ -329,7 +329,8 @@ def run(setting: str, n: int, window: float, tasks: int, soft_limit: int | None 
     out = json.loads(lines[-1]) if lines else {"aborted": f"exit {r.returncode}"}
     if r.returncode and "aborted" not in out:
         out = {"aborted": f"exit {r.returncode}: {r.stderr.strip()[-300:]}"}
-    out.update(setting=setting, managers=n, load_before=load)
+    out.update(setting=setting, managers=n, load_before=load,
+               measured=dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"))
     print(json.dumps(out), file=sys.stderr, flush=True)
     return out
 
@@ -437,7 +438,7 @@ def _lost(r: dict) -> str:
             f"{r.get('probe_misses', 0)} misses in all)")
 
 
-def _row(r: dict) -> list[str]:
+def _row(r: dict, started: str = "") -> list[str]:
     label = LABEL[r["setting"]]
     if "heartbeat" in r:
         label += " ({} s / {} s)".format(*r["heartbeat"])
@@ -445,19 +446,20 @@ def _row(r: dict) -> list[str]:
         state = (f" ({r['registered']:,} registered, {r['gave_up']:,} pools gave up)"
                  if "registered" in r else "")
         return [f"{r['managers']:,}", label, f"stopped: {r['aborted']}{state}", *["-"] * 7,
-                f"{r['load_before']:.0f}"]
+                f"{r['load_before']:.0f}", r.get("measured", started)]
     return [f"{r['managers']:,}", label,
             _registered(r), _lost(r),
             f"{_ms(r['rtt_p50'])} / {_ms(r['rtt_p99'])}", _pct(r["ic_cpu_idle"]),
             _pct(r["ic_cpu_tasks"]), f"{r['tasks_per_s']:.0f}", shortest(r),
-            f"{r['peak_rss'] / 2**30:.1f}", f"{r['load_before']:.0f}"]
+            f"{r['peak_rss'] / 2**30:.1f}", f"{r['load_before']:.0f}",
+            r.get("measured", started)]
 
 
 HEADER = ["pools", "settings", "all registered after (s)", "lost",
           "heartbeat round trip p50 / p99 (ms)", "interchange CPU, heartbeats alone",
           "interchange CPU, tasks", "no-op tasks/s",
           f"shortest task keeping {BUSY:.0%} of workers busy (s)", "peak memory (GB)",
-          "load average before"]
+          "load average before", "measured (UTC)"]
 
 
 def compare(check: list[dict]) -> str:
@@ -499,8 +501,9 @@ def render(data: dict) -> str:
                  "{} s / {} s".format(*r["heartbeat"]), _registered(r), _lost(r), _pct(r["ic_cpu_idle"]), f"{r['tasks_per_s']:.0f}",
                  shortest(r)] for r in envelope]
     return TEMPLATE.format(
-        table=harness.md_table(HEADER, [_row(r) for r in scale]),
-        check=(harness.md_table(HEADER, [_row(r) for r in check]) + "\n\n" + compare(check)
+        table=harness.md_table(HEADER, [_row(r, data["started"]) for r in scale]),
+        check=(harness.md_table(HEADER, [_row(r, data["started"]) for r in check]) + "\n\n"
+               + compare(check)
                if check else "(not run)"),
         envelope=harness.md_table(
             ["pools (nodes)", "heartbeat period / threshold", "all registered after (s)", "lost",
@@ -518,8 +521,10 @@ SETTINGS_ORDER = ("bundle", "fixed", "parsl", "split", "real")
 TEMPLATE = """# The interchange at scale
 
 Written by `python benchmarks/scale.py` (`nox -s scale`) from its own measurements; do not edit
-by hand. Last series started {started} on {machine}; `uptime` at its end: `{uptime}`; each
-run's one-minute load average before it started is in its row below.
+by hand; `benchmarks/scale.json` holds the runs it is written from. Last series started
+{started} on {machine}; `uptime` at its end: `{uptime}`; each run's one-minute load average
+before it started, and when it ran (runs of earlier series kept with `--merge` say so), are in
+its row below.
 
 ## What to set: the envelope
 
