@@ -26,9 +26,11 @@ ABOUT = """
 fresh process in a fresh folder. Every mode is held to the config a skilled user would write by
 hand for the same provider kind: ALCF's config from its "Parsl on Aurora" page with the site
 configs' strategy tick (`parsl_aurora.modes.STRATEGY_PERIOD`), 12 workers per node (one per
-tile), `encrypted=True` and `retries=1`, on the same fake cluster (`benchmarks/configs.py`).
-Parsl's plain default is the second reference. The PBS cases submit through the fake `qsub`
-and start the pool through the fake `mpiexec`; `in_job` uses LocalProvider over a node file.
+tile; HTEX only), `encrypted=True`, `retries=1`, and the site configs' quiet per-tick loggers
+(`parsl_aurora.modes.quiet_tick_logs`, the same call), on the same fake cluster
+(`benchmarks/configs.py`). Parsl's plain default is the second reference. The PBS cases submit
+through the fake `qsub` and start the pool through the fake `mpiexec`; `in_job` uses
+LocalProvider over a node file.
 """
 
 

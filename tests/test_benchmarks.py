@@ -1,6 +1,8 @@
 """The benchmark harness's pure parts: statistics, verdicts, tables, stand-in PBS commands."""
 
 import importlib
+import logging
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +20,15 @@ def bench(monkeypatch):
     return SimpleNamespace(**{m: importlib.import_module(m) for m in
                               ("harness", "configs", "scheduler", "container", "run_all",
                                "slowfs", "model", "sharedfs")})
+
+
+@pytest.fixture
+def own_environ():
+    """Building a fake-cluster config points os.environ at the fake; put it back after."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_quartiles_are_the_middle_half(bench):
@@ -181,6 +192,41 @@ def test_document_header_states_the_run_counts_of_the_results(bench):
             "2026-01-01 00:00 | 12 | 1.5 |") in doc
     assert ("| Scheduler calls while PBS refuses or fails: Calls, `multi_job` | 2 calls/min | "
             "<= 10 calls/min | yes |") in doc
+
+
+def _tick_levels(names) -> dict[str, int]:
+    return {n: logging.getLogger(n).level for n in names}
+
+
+def test_tuned_baselines_quiet_the_per_tick_loggers_as_the_site_configs_do(bench, own_environ,
+                                                                          monkeypatch):
+    from parsl_aurora.modes import TICK_LOGGERS
+
+    monkeypatch.delenv("PARSL_AURORA_DEBUG", raising=False)
+    before = _tick_levels(TICK_LOGGERS)
+
+    def levels(case):
+        """The tick loggers' levels once `case`'s config is built in a fresh state."""
+        for n in TICK_LOGGERS:
+            logging.getLogger(n).setLevel(logging.NOTSET)
+        bench.configs.CONFIGS[case]()
+        return _tick_levels(TICK_LOGGERS)
+
+    try:
+        site = levels("in_job")
+        assert site == dict.fromkeys(TICK_LOGGERS, logging.INFO)
+        assert {c: levels(c) for c in ("tuned_local", "tuned_pbs", "tuned_mpi",
+                                       "multi_job")} == dict.fromkeys(
+            ("tuned_local", "tuned_pbs", "tuned_mpi", "multi_job"), site)
+        # Parsl's plain default keeps Parsl's logging, and its label says so.
+        assert levels("default") == dict.fromkeys(TICK_LOGGERS, logging.NOTSET)
+    finally:
+        for n, level in before.items():
+            logging.getLogger(n).setLevel(level)
+    labels = bench.configs.LABELS
+    assert "DEBUG logging" in labels["default"]
+    assert all("quiet per-tick loggers" in labels[c] and "encryption" in labels[c]
+               for c in ("tuned_local", "tuned_pbs", "tuned_mpi"))
 
 
 def test_hand_tuned_htex_starts_twelve_workers_on_this_machine(bench):
