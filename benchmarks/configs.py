@@ -135,6 +135,12 @@ CONFIGS = {
     "mpi_ensemble": lambda: site("mpi_ensemble"),
 }
 MPI_CASES = ("tuned_mpi", "mpi_ensemble")
+# Each case's provider, by the Parsl class it is (or derives from): a ratio compares cases of
+# one provider only (tests/test_benchmarks.py checks this table against the built configs).
+PROVIDERS = {"default": "LocalProvider", "tuned_local": "LocalProvider",
+             "in_job": "LocalProvider", "tuned_pbs": "PBSProProvider",
+             "multi_job": "PBSProProvider", "tuned_mpi": "PBSProProvider",
+             "mpi_ensemble": "PBSProProvider"}
 # What _tuned() and _htex() give ALCF's configs; the rest of a baseline is ALCF's page.
 TUNED = ("tuned: the modes' strategy tick, {workers}encryption, retries=1, "
          "quiet per-tick loggers")
@@ -151,3 +157,12 @@ LABELS = {
                  + TUNED.format(workers="") + ")",
     "mpi_ensemble": "`mpi_ensemble`",
 }
+
+
+def same_provider(group: dict) -> dict:
+    """The group with only the cases whose provider is its baseline's: a ratio between a
+    LocalProvider run and a PBS one would measure the provider, not the config."""
+    base = group.get("baseline")
+    if base is None:
+        return group
+    return {**group, "cases": [c for c in group["cases"] if PROVIDERS[c] == PROVIDERS[base]]}

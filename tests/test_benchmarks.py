@@ -19,7 +19,7 @@ def bench(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     return SimpleNamespace(**{m: importlib.import_module(m) for m in
                               ("harness", "configs", "scheduler", "container", "run_all",
-                               "slowfs", "model", "sharedfs")})
+                               "slowfs", "model", "sharedfs", "first_result", "throughput")})
 
 
 @pytest.fixture
@@ -227,6 +227,27 @@ def test_tuned_baselines_quiet_the_per_tick_loggers_as_the_site_configs_do(bench
     assert "DEBUG logging" in labels["default"]
     assert all("quiet per-tick loggers" in labels[c] and "encryption" in labels[c]
                for c in ("tuned_local", "tuned_pbs", "tuned_mpi"))
+
+
+def test_no_ratio_divides_runs_of_two_provider_kinds(bench, own_environ):
+    c = bench.configs
+
+    def kind(case):
+        """The Parsl provider class a case's built config uses, or derives its own from."""
+        provider = c.CONFIGS[case]().executors[0].provider
+        return next(k for k in type(provider).__mro__ if k.__module__.startswith("parsl.")).__name__
+
+    assert {case: kind(case) for case in c.CONFIGS} == c.PROVIDERS
+    groups = [*bench.first_result.groups(tuple(c.CONFIGS)),
+              *bench.throughput.groups(bench.throughput.CASES)]
+    assert [g["title"] for g in groups] == ["Inside one job", "Many PBS jobs", "MPI ensembles",
+                                            "Inside one job", "Many PBS jobs"]
+    for g in groups:
+        assert {case: c.PROVIDERS[case] for case in g["cases"]} == dict.fromkeys(
+            g["cases"], c.PROVIDERS[g["baseline"]]), g["title"]
+    # Parsl's default (LocalProvider) stays beside the LocalProvider cases.
+    assert [g["cases"][0] for g in groups] == ["default", "tuned_pbs", "tuned_mpi", "default",
+                                               "tuned_pbs"]
 
 
 def test_hand_tuned_htex_starts_twelve_workers_on_this_machine(bench):
