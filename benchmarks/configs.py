@@ -1,8 +1,7 @@
 """The configs the benchmarks compare: the site configs, and what a skilled user writes by hand.
 
 The hand-written ones are the configs on ALCF's "Parsl on Aurora" page, tuned the way a user
-who knows Parsl would tune them: the site configs' strategy tick, 12 workers per node,
-encryption, retries. They run on the fake
+who knows Parsl would tune them (TUNED says how; their LABELS say the same). They run on the fake
 cluster through `parsl_aurora.fake.environment`, as a user of the fake would.
 """
 
@@ -34,10 +33,13 @@ def fake_cluster(run_dir: str = RUN_DIR) -> str:
 
 
 def _tuned() -> dict:
-    """What a skilled user adds to ALCF's config: the config's tick (Parsl's default 5 s delays
-    the first block by up to 5 s) and encryption, which the site configs turn on."""
-    from parsl_aurora.modes import STRATEGY_PERIOD
+    """What a skilled user adds to ALCF's config, besides 12 workers and encryption: the site
+    configs' tick (Parsl's default 5 s delays the first block by up to 5 s), a retry, and the
+    site configs' quiet per-tick loggers, by the modes' own function: at that tick Parsl's DEBUG
+    lines would otherwise make the baseline measure its logging."""
+    from parsl_aurora.modes import STRATEGY_PERIOD, quiet_tick_logs
 
+    quiet_tick_logs()
     return {"strategy_period": STRATEGY_PERIOD, "retries": 1, "run_dir": RUN_DIR}
 
 
@@ -133,12 +135,34 @@ CONFIGS = {
     "mpi_ensemble": lambda: site("mpi_ensemble"),
 }
 MPI_CASES = ("tuned_mpi", "mpi_ensemble")
+# Each case's provider, by the Parsl class it is (or derives from): a ratio compares cases of
+# one provider only (tests/test_benchmarks.py checks this table against the built configs).
+PROVIDERS = {"default": "LocalProvider", "tuned_local": "LocalProvider",
+             "in_job": "LocalProvider", "tuned_pbs": "PBSProProvider",
+             "multi_job": "PBSProProvider", "tuned_mpi": "PBSProProvider",
+             "mpi_ensemble": "PBSProProvider"}
+# What _tuned() and _htex() give ALCF's configs; the rest of a baseline is ALCF's page.
+TUNED = ("tuned: the modes' strategy tick, {workers}encryption, retries=1, "
+         "quiet per-tick loggers")
 LABELS = {
-    "default": "Parsl's default (`HighThroughputExecutor()`, LocalProvider, 5 s tick)",
-    "tuned_local": "hand-tuned HTEX + LocalProvider (ALCF's in-job config, tuned)",
+    "default": "Parsl's default (`HighThroughputExecutor()`, LocalProvider, 5 s tick, "
+               "DEBUG logging)",
+    "tuned_local": "hand-tuned HTEX + LocalProvider (ALCF's in-job config; "
+                   + TUNED.format(workers="12 workers per node, ") + ")",
     "in_job": "`in_job`",
-    "tuned_pbs": "hand-tuned HTEX + PBSProProvider (ALCF's multi-job config, tuned)",
+    "tuned_pbs": "hand-tuned HTEX + PBSProProvider (ALCF's multi-job config; "
+                 + TUNED.format(workers="12 workers per node, ") + ")",
     "multi_job": "`multi_job`",
-    "tuned_mpi": "hand-written MPIExecutor + PBSProProvider (ALCF's ensemble config, tuned)",
+    "tuned_mpi": "hand-written MPIExecutor + PBSProProvider (ALCF's ensemble config; "
+                 + TUNED.format(workers="") + ")",
     "mpi_ensemble": "`mpi_ensemble`",
 }
+
+
+def same_provider(group: dict) -> dict:
+    """The group with only the cases whose provider is its baseline's: a ratio between a
+    LocalProvider run and a PBS one would measure the provider, not the config."""
+    base = group.get("baseline")
+    if base is None:
+        return group
+    return {**group, "cases": [c for c in group["cases"] if PROVIDERS[c] == PROVIDERS[base]]}

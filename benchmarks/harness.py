@@ -33,19 +33,18 @@ LOCK = "container/requirements-3.11.lock"  # the benchmarks run on Debian 12's 3
 
 
 # ---------------------------------------------------------------- pure: statistics, verdicts
+# A run that failed is None in a case's values (null in results.json): it is counted and shown,
+# and the figures are the successful runs'.
 
-def quartiles(xs: Sequence[float]) -> tuple[float, float]:
-    """(Q1, Q3), the middle half of the runs; a single run is its own spread."""
-    if len(xs) < 2:
-        return (xs[0], xs[0])
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return (q[0], q[2])
+def succeeded(xs: Sequence[float | None]) -> list[float]:
+    return [x for x in xs if x is not None]
 
 
-def paired_ratios(case: Sequence[float], base: Sequence[float]) -> list[float]:
+def paired_ratios(case: Sequence[float | None], base: Sequence[float | None]) -> list[float]:
     """Run i of a case over run i of its baseline: the runs were interleaved, so a drift in the
-    machine's load hits both halves of a pair alike and mostly cancels."""
-    return [c / b for c, b in zip(case, base)]
+    machine's load hits both halves of a pair alike and mostly cancels. A pair with a failed
+    run on either side has no ratio."""
+    return [c / b for c, b in zip(case, base) if c is not None and b is not None]
 
 
 @dataclass(frozen=True)
@@ -63,29 +62,47 @@ class Target:
     def as_dict(self) -> dict:
         return {"limit": self.limit, "of": self.of, "better": self.better}
 
+    def met(self, x: float) -> bool:
+        return x <= self.limit if self.better == "lower" else x >= self.limit
+
 
 def verdict(values: Sequence[float], target: Target, fmt: str = "{:.2f}") -> str:
-    """"yes" when the middle half of the runs meets the target, "no" when none of it does,
-    else "within noise" with that spread: the runs do not tell the two answers apart."""
-    lo, hi = quartiles(values)
-    ok = (lambda x: x <= target.limit) if target.better == "lower" else (
-        lambda x: x >= target.limit)
-    if ok(lo) and ok(hi):
+    """"yes" when every value (paired ratio, or run for an absolute target) meets the target,
+    "no" when none does, else "within noise" with their range (min-max): only values all on
+    one side of the target separate the two answers."""
+    met = [target.met(x) for x in values]
+    if met and all(met):
         return "yes"
-    if not ok(lo) and not ok(hi):
+    if not any(met):
         return "no"
-    return f"within noise ({fmt.format(lo)}-{fmt.format(hi)})"
+    return f"within noise ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
-def judged(values: Mapping[str, Sequence[float]], case: str, target: Target,
-           fmt: str = "{:.2f}") -> tuple[float, str]:
-    """(the figure the target is about, the verdict): the median of the paired ratios and their
-    verdict for a relative target, the median and its verdict for an absolute one."""
-    xs = values[case]
+def failed_runs(values: Mapping[str, Sequence[float | None]], case: str,
+                target: Target) -> str | None:
+    """"k of n runs failed" (an absolute target), "k of n pairs had a failed run" (a relative
+    one), or None when every run the verdict needs succeeded."""
     if target.of is None:
-        return statistics.median(xs), verdict(xs, target, fmt)
-    ratios = paired_ratios(xs, values[target.of])
-    return statistics.median(ratios), verdict(ratios, target)
+        pairs, what = [(x,) for x in values[case]], "runs failed"
+    else:
+        pairs, what = list(zip(values[case], values[target.of])), "pairs had a failed run"
+    k = sum(None in p for p in pairs)
+    return f"{k} of {len(pairs)} {what}" if k else None
+
+
+def judged(values: Mapping[str, Sequence[float | None]], case: str, target: Target,
+           fmt: str = "{:.2f}") -> tuple[float | None, str]:
+    """(the figure the target is about, the verdict): the median of the paired ratios and their
+    verdict for a relative target, the median and its verdict for an absolute one; both from
+    the successful runs, the verdict saying how many failed (None: no run succeeded)."""
+    if target.of is None:
+        xs, fmt_ = succeeded(values[case]), fmt
+    else:
+        xs, fmt_ = paired_ratios(values[case], values[target.of]), "{:.2f}"
+    failed = failed_runs(values, case, target)
+    if not xs:
+        return None, f"no verdict: {failed}"
+    return statistics.median(xs), "; ".join([verdict(xs, target, fmt_), *filter(None, [failed])])
 
 
 # ---------------------------------------------------------------- pure: markdown
@@ -98,13 +115,20 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]],
     return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines)
 
 
-def fmt_runs(xs: Sequence[float], fmt: str) -> str:
-    return " ".join(fmt.format(x) for x in xs)
+def fmt_runs(xs: Sequence[float | None], fmt: str) -> str:
+    return " ".join("failed" if x is None else fmt.format(x) for x in xs)
+
+
+def failures(values: Mapping[str, Sequence[float | None]]) -> tuple[int, int]:
+    """(failed runs, runs) over every case."""
+    return (sum(x is None for xs in values.values() for x in xs),
+            sum(len(xs) for xs in values.values()))
 
 
 def group_table(group: Mapping, values: Mapping[str, Sequence[float]]) -> str:
-    """One interleaved measurement as a table: median, min-max, every run, the median of the
-    ratios to the group's baseline paired run by run, and each target with its verdict.
+    """One interleaved measurement as a table: median, min-max, every run ("failed" for a
+    failed one; the figures are the others'), the median of the ratios to the group's baseline
+    paired run by run, and each target with its verdict.
 
     group: {"unit", "fmt", "baseline" (case name or None), "cases" [names],
             "labels" {case: text}, "targets" {case: [Target.as_dict()]},
@@ -116,11 +140,13 @@ def group_table(group: Mapping, values: Mapping[str, Sequence[float]]) -> str:
     header += ["target", "holds"]
     rows = []
     for case in group["cases"]:
-        xs = values[case]
-        row = [group.get("labels", {}).get(case, f"`{case}`"), fmt.format(statistics.median(xs)),
-               f"{fmt.format(min(xs))}-{fmt.format(max(xs))}", fmt_runs(xs, fmt)]
+        xs, ok = values[case], succeeded(values[case])
+        row = [group.get("labels", {}).get(case, f"`{case}`"),
+               fmt.format(statistics.median(ok)) if ok else "-",
+               f"{fmt.format(min(ok))}-{fmt.format(max(ok))}" if ok else "-", fmt_runs(xs, fmt)]
         if base:
-            row.append(f"{statistics.median(paired_ratios(xs, values[base])):.2f}")
+            ratios = paired_ratios(xs, values[base])
+            row.append(f"{statistics.median(ratios):.2f}" if ratios else "-")
         targets = [Target(**t) for t in group.get("targets", {}).get(case, [])]
         row.append("; ".join(t.text(unit) for t in targets) or "-")
         row.append(_holds([judged(values, case, t, fmt)[1] for t in targets], group, case))
@@ -142,7 +168,7 @@ def summary_rows(title: str, group: Mapping, values: Mapping[str, Sequence[float
     for case in group["cases"]:
         for t in (Target(**d) for d in group.get("targets", {}).get(case, [])):
             figure, holds = judged(values, case, t, fmt)
-            shown = (f"{figure:.2f}x" if t.of
+            shown = ("-" if figure is None else f"{figure:.2f}x" if t.of
                      else f"{fmt.format(figure)} {unit}")
             label = group.get("labels", {}).get(case, f"`{case}`")
             rows.append([f"{title}, {label}", shown, t.text(unit), _holds([holds], group, case)])
@@ -156,12 +182,13 @@ def counts_text(runs: Mapping[str, int]) -> str:
 
 # ---------------------------------------------------------------- running
 
-def interleave(cases: Mapping[str, Callable[[], float]], runs: int,
-               progress: str = "") -> dict[str, list[float]]:
+def interleave(cases: Mapping[str, Callable[[], float | None]], runs: int,
+               progress: str = "") -> dict[str, list[float | None]]:
     """Each case once per round, `runs` rounds, the starting case rotating each round, so a
-    drift in the machine's load (other users, a page cache warming) hits every case alike."""
+    drift in the machine's load (other users, a page cache warming) hits every case alike.
+    A case returns None for a run that failed; it stays in its place."""
     names = list(cases)
-    out: dict[str, list[float]] = {c: [] for c in names}
+    out: dict[str, list[float | None]] = {c: [] for c in names}
     for r in range(runs):
         for c in names[r % len(names):] + names[:r % len(names)]:
             out[c].append(cases[c]())
@@ -183,26 +210,25 @@ def as_user(user: str | None, cmd: Sequence[str]) -> list[str]:
     return ["runuser", "-u", user, "--", *cmd] if user else list(cmd)
 
 
-def fresh(cmd: Sequence[str], env: Mapping[str, str] | None = None, user: str | None = None,
-          attempts: int = 3) -> object:
-    """Run cmd in a new empty folder (owned by `user`), return the JSON on its last stdout line.
-
-    A failed run is printed and tried again, up to `attempts` in all: on the loaded shared host
-    the pool of Parsl's default config sometimes exits with "Failed to find a viable address to
-    connect to interchange" (its probe of the host's addresses timed out), once twice in a row.
+def fresh(cmd: Sequence[str], env: Mapping[str, str] | None = None,
+          user: str | None = None) -> object | None:
+    """Run cmd in a new empty folder (owned by `user`), return the JSON on its last stdout line,
+    or None when the run failed (its stderr printed): a failed run is counted and shown, never
+    run again, since rerunning until success would hide how often a config fails. (On the loaded
+    shared host the pool of Parsl's default config sometimes exits with "Failed to find a viable
+    address to connect to interchange": its probe of the host's addresses timed out.)
     """
-    for attempt in range(1, attempts + 1):
-        # A fake job's supervisor may still be writing its end state as the folder goes.
-        with tempfile.TemporaryDirectory(prefix="bench-", ignore_cleanup_errors=True) as tmp:
-            if user:
-                shutil.chown(tmp, user)
-            r = subprocess.run(as_user(user, cmd), cwd=tmp, env=dict(env or os.environ),
-                               capture_output=True, text=True, check=False)
-        if not r.returncode and r.stdout.strip():
-            return json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"{' '.join(cmd)} failed (attempt {attempt}, exit {r.returncode}):\n"
-              f"{r.stderr[-2000:]}", file=sys.stderr, flush=True)
-    raise SystemExit(f"{' '.join(cmd)} failed {attempts} times")
+    # A fake job's supervisor may still be writing its end state as the folder goes.
+    with tempfile.TemporaryDirectory(prefix="bench-", ignore_cleanup_errors=True) as tmp:
+        if user:
+            shutil.chown(tmp, user)
+        r = subprocess.run(as_user(user, cmd), cwd=tmp, env=dict(env or os.environ),
+                           capture_output=True, text=True, check=False)
+    if not r.returncode and r.stdout.strip():
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"{' '.join(cmd)} failed (exit {r.returncode}; recorded as a failed run):\n"
+          f"{r.stderr[-2000:]}", file=sys.stderr, flush=True)
+    return None
 
 
 def python_env(python: str | os.PathLike = sys.executable) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py                        # everything (nox -s bench)
     python benchmarks/run_all.py --only scheduler       # one part; the document has only it
-    python benchmarks/run_all.py --quick                # few runs: shows the code works
+    python benchmarks/run_all.py --quick --json /tmp/r.json --doc /tmp/b.md   # code works
     python benchmarks/run_all.py --only image_build --merge   # re-run one part, keep the rest
     python benchmarks/run_all.py --from-json            # re-render the last saved results
 
@@ -52,24 +52,31 @@ HOW = """
 Written by `python benchmarks/run_all.py` (`nox -s bench`, `make bench`) from its own
 measurements; do not edit by hand. Cases are measured side by side, interleaved run by run (the
 first case rotating each round), and each run of Parsl is a fresh process in a fresh folder.
-Figures are medians, with the spread (min-max) and every run shown. Ratios to a baseline are
-medians of the paired ratios (run i of the case over run i of its baseline, measured one after
-the other), and a target relative to a baseline is judged on those paired ratios: **yes**
-when their middle half (Q1-Q3) meets the target, **no** when none of it does, and **within
-noise** with that Q1-Q3 range when the runs do not tell the two apart. An absolute target is
-judged the same way on the case's own runs. The bench session installs the project as users do
+Figures are medians, with the spread (min-max) and every run shown. A run that failed is not
+run again: it shows as `failed` among the runs, the figures are the successful runs', and a
+verdict with failed runs says how many. Ratios to a baseline are medians of the paired ratios
+(run i of the case over run i of its baseline, measured one after the other; a pair with a
+failed run has none), and a target relative to a baseline is judged on those paired ratios:
+**yes** when every paired ratio meets the target, **no** when none does, and **within noise**,
+with the range (min-max) of the paired ratios, when some do and some do not: only ratios all on
+one side of the target separate the two answers. An absolute target is judged the same way on
+the case's own runs. No ratio divides runs of two provider kinds (LocalProvider, PBSProProvider).
+The bench session installs the project as users do
 (`pip install .[fake,image]`: compiled, not editable, without the monitoring extra); the image
 carries what `container/requirements-3.11.lock` holds.
 """
 
 
 def counts(results: dict) -> list[list[str]]:
-    """One row per part: its run counts, when it was measured and how long it took."""
+    """One row per part: its run counts, its failed runs, when it was measured (UTC) and how
+    long it took."""
     rows = []
     for part, r in results.items():
         keys = PARTS[part][2]
+        failed, total = harness.failures(r["values"])
         rows.append([PARTS[part][0], ", ".join(f"{k.replace('_', ' ')} {r[k]}" for k in keys),
-                     r["measured"], f"{r['seconds']:.0f}", f"{r['load']:.1f}"])
+                     f"{failed} of {total}", r["measured"], f"{r['seconds']:.0f}",
+                     f"{r['load']:.1f}"])
     return rows
 
 
@@ -79,8 +86,9 @@ def render(results: dict) -> str:
     machines = sorted({r["machine"] for r in results.values()})
     out = ["# Benchmarks", "", HOW.strip(), "",
            "Machine: " + "; or ".join(machines) + ".", "",
-           harness.md_table(["part", "runs per case", "measured (UTC)", "took (s)",
-                             "load average after"], counts(results), right=(3, 4)), ""]
+           harness.md_table(["part", "runs per case", "failed runs", "measured (UTC)",
+                             "took (s)", "load average after"], counts(results),
+                            right=(2, 4, 5)), ""]
     rows = [row for p, r in results.items() for g in r["groups"]
             for row in harness.summary_rows(f"{PARTS[p][0]}: {g.get('title', '')}", g,
                                             r["values"])]
@@ -109,7 +117,9 @@ def main() -> int:
     p.add_argument("--from-json", action="store_true", help="render saved results, run nothing")
     p.add_argument("--merge", action="store_true",
                    help="keep the saved results of parts not run now (each says when it ran)")
-    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    p.add_argument("--doc", type=Path, default=DOC,
+                   help="the document to write (a --quick run: somewhere else than the default)")
+    p.add_argument("--no-doc", action="store_true", help="write no document")
     a = p.parse_args()
     if a.quick:
         vars(a).update(QUICK)
@@ -138,7 +148,7 @@ def main() -> int:
     doc = render(results)
     print(doc)
     if not a.no_doc:
-        DOC.write_text(doc)
+        a.doc.write_text(doc)
     return 0
 
 

@@ -144,15 +144,17 @@ def one(scenario: str, config: str, window: float) -> dict:
 
 # ---------------------------------------------------------------- measuring and reporting
 
-def _run(scenario: str, config: str, window: float, env: dict, keep: dict) -> float:
+def _run(scenario: str, config: str, window: float, env: dict, keep: dict) -> float | None:
+    """A run's figure, or None when the run failed (no qsub at all counts as failed)."""
     r = harness.fresh([sys.executable, __file__, "--window", str(window), "--one", scenario,
                        config], env)
     if scenario == NOTHING_FAILS:
-        if r["first_qsub"] is None:
-            raise SystemExit(f"{config}: no qsub within {window} s of parsl.load")
+        if r is None or r["first_qsub"] is None:
+            print(f"{config}: no qsub within {window} s of parsl.load", file=sys.stderr)
+            return None
         return r["first_qsub"]
     keep.setdefault(f"{scenario} / {config}", []).append(r)
-    return (r["qsub"] + r["qstat"] + r["qdel"]) * 60 / window
+    return None if r is None else (r["qsub"] + r["qstat"] + r["qdel"]) * 60 / window
 
 
 def failures(details: dict) -> dict[str, str]:
@@ -160,18 +162,21 @@ def failures(details: dict) -> dict[str, str]:
     few calls from a workflow that gave up are no success, so the verdict says so beside it."""
     out = {}
     for case, runs in details.items():
-        failed = sorted({r["state"].split(": ")[1] for r in runs if r["state"] != "running"})
+        failed = sorted({r["state"].split(": ")[1] for r in runs
+                         if r is not None and r["state"] != "running"})
         if failed:
             out[case] = "the workflow failed: " + ", ".join(failed)
     return out
 
 
 def details_table(keep: dict) -> str:
-    """Per command, the calls of each run, and how the workflow stood at the end."""
+    """Per command, the calls of each run ("failed" for a run that failed), and how the
+    workflow stood at the end."""
     rows = []
     for case, runs in keep.items():
-        per = {c: " ".join(str(r[c]) for r in runs) for c in ("qsub", "qstat", "qdel")}
-        states = sorted({r["state"] for r in runs})
+        per = {c: " ".join("failed" if r is None else str(r[c]) for r in runs)
+               for c in ("qsub", "qstat", "qdel")}
+        states = sorted({"the run failed" if r is None else r["state"] for r in runs})
         rows.append([case, per["qsub"], per["qstat"], per["qdel"], "; ".join(states)])
     return harness.md_table(["case", "qsub (per run)", "qstat", "qdel", "task at the end"], rows)
 

@@ -86,7 +86,7 @@ def run_case(case: str, latency: float, paths: dict, counts: dict) -> float:
             copy = time.perf_counter() - start
             run = first_result(paths["local"], staged, env)
             counts.setdefault((latency, "image on local disk"), []).append(run)
-            seconds = copy + run
+            seconds = None if run is None else copy + run
         else:
             seconds = first_result(paths["local"], None, env)
     counts.setdefault((latency, case, "ops"), []).append(m.metadata())
@@ -208,8 +208,9 @@ def findings(result: dict) -> str:
             f"{result['sif_bytes'] / 1e6:.1f} MB.")
         figure, holds = harness.judged(values, at(CASES[1], lat), Target(1.0, of=at(CASES[0],
                                                                                     lat)))
+        shown = "-" if figure is None else f"{figure:.2f}"  # "-": no run succeeded
         lines.append(f"- At {lat:g} ms an operation the SIF on the shared file system takes "
-                     f"{figure:.2f}x the time of the venv on it (the issue's target, <= 1x: "
+                     f"{shown}x the time of the venv on it (the issue's target, <= 1x: "
                      f"{holds}).")
     guard = []
     for x in result["latencies"]:
@@ -217,7 +218,7 @@ def findings(result: dict) -> str:
         guard.append(f"{x:g} ms: {harness.judged(values, at('image on local disk', x), t)[1]}")
     lines.append(f"- The image on local disk within {IMAGE_LOCAL_OVER_VENV:g}x of the local "
                  f"venv: {'; '.join(guard)}.")
-    runs = [values[at(c, x)] for c in CASES for x in result["latencies"]]
+    runs = [harness.succeeded(values[at(c, x)]) for c in CASES for x in result["latencies"]]
     slow = sum(1 for xs in runs for x in xs if x > 3 * statistics.median(xs))
     lines.append(f"- {slow} of {sum(map(len, runs))} runs took more than 3x their case's "
                  "median (stalls, which hit every case, the local venv's too).")
@@ -229,7 +230,7 @@ def model_inputs(result: dict) -> model.Inputs:
     lat = TARGET_LATENCY if TARGET_LATENCY in result["latencies"] else result["latencies"][-1]
 
     def med(case):
-        return statistics.median(result["values"][f"{case} @ {lat:g} ms"])
+        return statistics.median(harness.succeeded(result["values"][f"{case} @ {lat:g} ms"]))
 
     def ops(case):
         return result["ops"][f"{case} @ {lat:g} ms"]

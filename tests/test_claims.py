@@ -13,7 +13,11 @@ several checks, separated by spaces.
 from __future__ import annotations
 
 import ast
+import difflib
+import importlib
+import json
 import re
+import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -162,6 +166,50 @@ def test_a_marker_to_a_missing_check_is_reported():
     assert "17 not in docs/benchmarks.md" in p[4]
     assert malformed(doc, "doc.md") == [
         "doc.md:10: not a marker: '<!-- claims: tests/test_claims.py -->'"]
+
+
+def rendering_differs(render, results: Path, doc: Path) -> list[str]:
+    """[] when `doc` is, whole, what `render` makes of the results file; else a diff."""
+    rendered = render(json.loads(results.read_text())).splitlines()
+    return list(difflib.unified_diff(doc.read_text().splitlines(), rendered, str(doc),
+                                     f"rendered from {results}", lineterm="", n=0))
+
+
+def _run_all(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module("run_all")
+
+
+def test_benchmarks_doc_is_what_the_committed_results_render(monkeypatch):
+    run_all = _run_all(monkeypatch)
+    assert (run_all.RESULTS, run_all.DOC) == (RESULTS, ROOT / BENCH_DOC)
+    # Until the first `nox -s bench` on the lead's quiet machine commits benchmarks/results.json
+    # beside the document it writes, there is nothing to compare (and CI takes no skipped test);
+    # from then on the document is its rendering, whole.
+    if RESULTS.exists():
+        assert not (d := rendering_differs(run_all.render, RESULTS, ROOT / BENCH_DOC)), \
+            "\n".join(d[:40])
+
+
+def test_a_benchmarks_doc_edited_by_hand_is_reported(monkeypatch, tmp_path):
+    # The comparison above, on results written here and rendered by run_all's own command line.
+    run_all = _run_all(monkeypatch)
+    result = {"about": "About.", "runs": 3, "measured": "2026-01-01 00:00", "seconds": 12.0,
+              "load": 1.5, "machine": "test machine", "values": {
+                  "tuned_pbs": [1.0, 2.0, 1.0], "multi_job": [1.0, None, 0.9]},
+              "groups": [{"title": "Many PBS jobs", "unit": "s", "baseline": "tuned_pbs",
+                          "cases": ["tuned_pbs", "multi_job"], "targets": {"multi_job": [
+                              {"limit": 1.05, "of": "tuned_pbs", "better": "lower"}]}}]}
+    results, doc = tmp_path / "results.json", tmp_path / "benchmarks.md"
+    results.write_text(json.dumps({"first_result": result}))
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--from-json", "--json", str(results),
+                                      "--doc", str(doc)])
+    assert run_all.main() == 0
+    assert rendering_differs(run_all.render, results, doc) == []
+    assert "| `multi_job` | 0.95 | 0.90-1.00 | 1.00 failed 0.90 | 0.95 |" in doc.read_text()
+    doc.write_text(doc.read_text().replace("1.00 failed 0.90", "1.00 0.90"))
+    d = rendering_differs(run_all.render, results, doc)
+    assert [line[0] for line in d[3:]] == ["-", "+"] and "failed" in d[-1], d
 
 
 if __name__ == "__main__":

@@ -529,7 +529,9 @@ TICK_LOGGERS = ("parsl.jobs.strategy", "parsl.executors.high_throughput.zmq_pipe
                 "parsl.process_loggers")
 
 
-def _quiet_tick_logs() -> None:
+def quiet_tick_logs() -> None:
+    """TICK_LOGGERS at INFO (unless $PARSL_AURORA_DEBUG): every mode's config does this, and
+    the benchmarks' hand-tuned baselines call it too, so they are held to the same logging."""
     import logging
 
     if os.environ.get("PARSL_AURORA_DEBUG", "") in ("", "0"):
@@ -541,7 +543,7 @@ def _config(executor, *, retries: int, run_dir: str, resume: bool, monitoring: b
     """The Config around one executor, with checkpoint-resume and monitoring when asked for."""
     from parsl.config import Config
 
-    _quiet_tick_logs()
+    quiet_tick_logs()
 
     extra: dict = {}
     if _boolean("resume", resume):
