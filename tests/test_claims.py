@@ -191,6 +191,15 @@ def test_benchmarks_doc_is_what_the_committed_results_render(monkeypatch):
             "\n".join(d[:40])
 
 
+def test_scale_doc_is_what_the_committed_scale_runs_render(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    scale = importlib.import_module("scale")
+    assert (scale.RESULTS, scale.DOC) == (ROOT / "benchmarks" / "scale.json",
+                                          ROOT / "docs" / "scale.md")
+    assert not (d := rendering_differs(scale.render, scale.RESULTS, scale.DOC)), \
+        "\n".join(d[:40])
+
+
 def test_a_benchmarks_doc_edited_by_hand_is_reported(monkeypatch, tmp_path):
     # The comparison above, on results written here and rendered by run_all's own command line.
     run_all = _run_all(monkeypatch)
