@@ -62,7 +62,8 @@ with the range (min-max) of the paired ratios, when some do and some do not: onl
 one side of the target separate the two answers. An absolute target is judged the same way on
 the case's own runs. No ratio divides runs of two provider kinds (LocalProvider, PBSProProvider).
 The bench session installs the project as users do
-(`pip install .[fake,image]`: compiled, not editable, without the monitoring extra); the image
+(`pip install .[fake,image,bench]`: compiled, not editable, without the monitoring extra;
+`bench` adds only mfusepy, for the shared file system's stand-in); the image
 carries what `container/requirements-3.11.lock` holds.
 """
 
