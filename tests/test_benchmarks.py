@@ -365,6 +365,11 @@ def test_flare_model_fits_mpi4py_and_finds_where_the_image_wins(bench):
     assert m.knee(1.0, 1000, rate) == pytest.approx(6.12)
     assert m.agreement(40, 32) == "the check holds (within a factor of 2: 1.25x)"
     assert m.agreement(6.12, 32).startswith("the check fails: 5.2x earlier than published")
+    # The knee pins one node's time, whatever the operations: COPPER's 32 nodes, 6.05 s.
+    assert m.implied_one_node(32) == pytest.approx(31 * 100 / 512)
+    for ops in (10, 1000, 10**5):
+        assert m.knee(m.implied_one_node(32), ops, m.mdt_rate(ops)) == pytest.approx(32)
+    assert "take about 6.1 s on one Flare node" in m.render(i)
     rows = {r["nodes"]: r for r in m.table(i)}
     assert rows[1] == pytest.approx({"nodes": 1, "venv": 3.0, "image": 4.0 + 30e6 / 4.0625e9,
                                      "striped": 4.0 + 30e6 / 650e9,
