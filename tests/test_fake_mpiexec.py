@@ -116,9 +116,9 @@ def test_uneven_ranks_are_refused_before_the_task_runs():
     "-l --no-transfer --line-buffer --np 16 -ppn 4 --cpu-bind core x",
     # PALS's own spellings (craycli).
     "-n 2 --no-abort-on-failure --mem-bind none --umask 022 -wdir /tmp --exclusive x",
-    "-soft 2 -arch x86_64 -path /bin -file f -envlist A,B --include-tasks 0 --exclude-tasks 1 "
-    "--procinfo-file p --rlimits CORE -envnone --transfer --label --no-label --shared "
-    "--sstartup -n 2 x",
+    ("-soft 2 -arch x86_64 -path /bin -file f -envlist A,B --include-tasks 0 --exclude-tasks 1 "
+     "--procinfo-file p --rlimits CORE -envnone --transfer --label --no-label --shared "
+     "--sstartup -n 2 x"),
 ])
 def test_options_from_pals_and_alcfs_pages_are_accepted(args):
     req = mpiexec.parse(args.split(), {"PALS_HOSTLIST": "a,b,c,d"})
