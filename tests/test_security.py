@@ -320,6 +320,22 @@ def test_certificates_folder_is_private(tmp_path, restore_environ):
         assert names == ["client.key", "client.key_secret", "server.key", "server.key_secret"]
 
 
+@pytest.mark.parametrize("mode", [0o750, 0o755, 0o711])
+def test_a_certificates_folder_others_can_enter_is_refused(tmp_path, mode):
+    """Parsl's client (what a pool uses) reads keys only from a 0700 folder."""
+    from parsl import curvezmq
+
+    cert_dir = Path(curvezmq.create_certificates(tmp_path))
+    context = curvezmq.ClientContext(cert_dir)
+    try:
+        context.socket(zmq.DEALER).close()  # 0700, as Parsl made it: the keys load
+        cert_dir.chmod(mode)
+        with pytest.raises(OSError, match="certificates directory must be private"):
+            context.socket(zmq.DEALER)
+    finally:
+        context.term()
+
+
 def test_each_run_makes_new_keys(tmp_path, restore_environ):
     runs = []
     for _ in range(2):  # runinfo/000, then runinfo/001
