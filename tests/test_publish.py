@@ -312,6 +312,17 @@ def test_unreachable_registry_is_clear_and_keeps_local_image(data_keys, data_ima
 
 
 @pytest.mark.needs("apptainer")
+def test_a_stale_signature_by_another_key_fails_verification(data_keys, data_image):
+    """Why publish drops old signatures: apptainer verify wants every signature to check out."""
+    for who in ("other", "good"):
+        subprocess.run(sign_command(APPTAINER, str(data_keys[who][0]), str(data_image)),
+                       check=True, capture_output=True)
+    out = subprocess.run(verify_command(APPTAINER, str(data_keys["good"][1]), str(data_image)),
+                         capture_output=True, text=True)
+    assert out.returncode != 0, out.stderr
+
+
+@pytest.mark.needs("apptainer")
 def test_a_failed_sign_leaves_the_image_as_it_was(data_keys, data_image, tmp_path):
     """Signed already (publish drops that signature from its copy before signing), then a
     publish whose key apptainer cannot use: the image keeps every byte."""
