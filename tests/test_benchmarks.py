@@ -287,6 +287,12 @@ def test_no_ratio_divides_runs_of_two_provider_kinds(bench, own_environ):
                                                "tuned_pbs"]
 
 
+def test_every_case_but_parsls_default_runs_encrypted(bench, own_environ):
+    # docs/security.md: no figure here compares encrypted with plain like for like.
+    built = {case: make().executors[0].encrypted for case, make in bench.configs.CONFIGS.items()}
+    assert built == {case: case != "default" for case in bench.configs.CONFIGS}
+
+
 def test_hand_tuned_htex_starts_twelve_workers_on_this_machine(bench):
     # Parsl's pool starts min(max_workers_per_node, CPUs // cores_per_worker) workers; the
     # baseline must run the modes' 12 whatever this machine's CPU count.

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import subprocess
 
+from conftest import ROOT
 from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
 
 from parsl_aurora.container import (
+    AURORA_BINDS,
     AURORA_STACK,
     HostStack,
     apptainer_prefix,
@@ -175,6 +177,15 @@ def test_block_setup_binds_what_the_node_has(tmp_path):
     binds = f"/scratch,{tmp_path}/opt/aurora,{tmp_path}/lib64:/host/lib64,{pals}"
     assert out == [binds, str(pals), "/opt/aurora/oneapi/lib:/host/lib64", "FLAT",
                    f"{pals}/apptainer exec --bind {binds} /images/a.sif"]
+
+
+def test_docs_image_md_names_every_bind():
+    doc = (ROOT / "docs" / "image.md").read_text()
+    listed = doc.split("`AURORA_BINDS`: ", 1)[1].split("each block binds", 1)[0]
+    for bind in AURORA_BINDS:
+        source, _, target = bind.partition(":")
+        assert (f"`{source}` at `{target}`" if target else f"`{source}`") in listed, bind
+    assert listed.count("`/") == len(AURORA_BINDS) + 1  # + the one target
 
 
 def test_versions_must_match():

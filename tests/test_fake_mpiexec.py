@@ -1,6 +1,7 @@
 """The fake PALS mpiexec: PALS's options, hydra underneath, PALS's variables per rank."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -93,6 +94,7 @@ def test_the_mpi_prefix_of_a_task_is_one_pals_takes(spec, ppn):
     assert prefix.split()[0] == "mpiexec"
     req = mpiexec.parse([*prefix.split()[1:], "app"], {})
     assert (req.ppn, req.ranks, req.hosts) == (ppn, 2 * ppn, ["x1", "x2"])
+    assert req.abort_on_failure  # an MPI task whose rank fails ends, as PALS's default has it
 
 
 def test_uneven_ranks_are_refused_before_the_task_runs():
@@ -114,6 +116,9 @@ def test_uneven_ranks_are_refused_before_the_task_runs():
     "-l --no-transfer --line-buffer --np 16 -ppn 4 --cpu-bind core x",
     # PALS's own spellings (craycli).
     "-n 2 --no-abort-on-failure --mem-bind none --umask 022 -wdir /tmp --exclusive x",
+    ("-soft 2 -arch x86_64 -path /bin -file f -envlist A,B --include-tasks 0 --exclude-tasks 1 "
+     "--procinfo-file p --rlimits CORE -envnone --transfer --label --no-label --shared "
+     "--sstartup -n 2 x"),
 ])
 def test_options_from_pals_and_alcfs_pages_are_accepted(args):
     req = mpiexec.parse(args.split(), {"PALS_HOSTLIST": "a,b,c,d"})
@@ -124,6 +129,21 @@ def test_options_from_pals_and_alcfs_pages_are_accepted(args):
 def test_options_pals_does_not_have_are_refused(option):
     with pytest.raises(UsageError, match=f"unrecognized option '{option}'"):
         mpiexec.parse([option, "x", "-n", "1", "true"], {})
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--cpu-bind", "numa", "x"], "unsupported --cpu-bind 'numa'"),
+    (["--cpu-bind", "socket", "x"], "unsupported --cpu-bind 'socket'"),
+    (["--cpu-bind", "thread", "x"], "unsupported --cpu-bind 'thread'"),
+    (["--cpu-bind", "mask:0x1", "x"], "unsupported --cpu-bind 'mask:0x1'"),
+    (["-n", "1", "a", ":", "-n", "1", "b"], "MPMD (':' between commands) is PALS's"),
+    (["-configfile", "f"], "unrecognized option '-configfile'"),
+])
+def test_pals_options_the_fake_does_not_do_are_refused(args, words):
+    with pytest.raises(UsageError, match=re.escape(words)):
+        mpiexec.aurora_cpus(mpiexec.parse(args, {}), 0)
+    # --gpu-bind is taken, and not applied.
+    assert mpiexec.parse(["--gpu-bind=list:0.0:0.1", "x"], {}).command == ["x"]
 
 
 def test_abort_on_failure_is_the_default():

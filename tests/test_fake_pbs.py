@@ -70,6 +70,40 @@ def test_the_fake_takes_jobs_from_anyone(fake):
     assert job["Job_Owner"].split("@")[0] == fake.user
 
 
+def test_the_fake_has_as_many_nodes_as_a_job_asks_for(fake):
+    """Deliberate: real PBS queues a job larger than its nodes for good; the fake starts it at
+    once, so a laptop runs mpi_ensemble's 10-node jobs."""
+    d = fake.workdir()
+    job_id = fake.submit(d, 'sort -u "$PBS_NODEFILE" | wc -l\n', "-N", "ten",
+                         directives=("-l select=10:ncpus=208", "-l walltime=0:01:00"))
+    assert fake.wait_state(job_id, "F")["Exit_status"] == 0
+    assert (d / f"ten.o{job_id.split('.')[0]}").read_text().strip() == "10"
+
+
+def test_environment_puts_the_fake_first_and_keeps_a_chosen_cluster(tmp_path, monkeypatch):
+    import sys
+
+    from parsl_aurora import fake
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.delenv("PARSL_AURORA_FAKE_DIR", raising=False)
+    env = fake.environment(tmp_path / "run")
+    assert env["PATH"].split(":") == [str(fake.bin_dir()), str(Path(sys.executable).parent),
+                                      "/usr/bin", "/bin"]
+    assert env["PARSL_AURORA_FAKE_DIR"] == str((tmp_path / "run").resolve())
+    assert (env["PARSL_AURORA_PYTHON"], env["PARSL_AURORA_HYDRA"]) == (sys.executable,
+                                                                       fake.hydra())
+    # A cluster already chosen, and a PATH that already holds the fake's commands, are kept.
+    chosen = f"/tmp/stand-ins:{fake.bin_dir()}:/usr/bin"
+    monkeypatch.setenv("PATH", chosen)
+    monkeypatch.setenv("PARSL_AURORA_FAKE_DIR", str(tmp_path / "cluster"))
+    env = fake.environment(tmp_path / "run")
+    assert (env["PATH"], env["PARSL_AURORA_FAKE_DIR"]) == (chosen, str(tmp_path / "cluster"))
+    assert fake.host_names(3) == ["x4102c0s0b0n0", "x4102c0s1b0n0", "x4102c0s2b0n0"]
+    assert fake.nodefile_lines(2) == ("x4102c0s0b0n0.hostmgmt2102.cm.aurora.alcf.anl.gov\n"
+                                      "x4102c0s1b0n0.hostmgmt2102.cm.aurora.alcf.anl.gov\n")
+
+
 def test_parsl_pbspro_provider_against_the_fake(fake, tmp_path, monkeypatch):
     """Parsl's own PBSProProvider submits, polls and cancels through the fake commands."""
     from parsl.jobs.states import JobState

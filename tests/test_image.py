@@ -155,6 +155,25 @@ def test_docker_base_is_pinned_by_digest_and_may_come_from_a_mirror():
         inputs.base_for("3.12", "debootstrap")
 
 
+def test_the_bases_docs_image_md_names_are_the_pinned_ones():
+    doc = (ROOT / "docs" / "image.md").read_text()
+    for python, base in inputs.PYTHONS.items():
+        row = next(line for line in doc.splitlines() if line.startswith(f"| {python} | "))
+        assert f"@{base.digest[:len('sha256:') + 8]}..." in row, (python, base.digest, row)
+
+
+def test_no_pip_in_a_build_reaches_a_package_index():
+    """Every pip install of the definitions reads the wheelhouse only (--no-index)."""
+    for definition in (inputs.DEF, inputs.BASE_DEF, inputs.EXTRA_DEF):
+        text = (ROOT / definition).read_text().replace("\\\n", " ")
+        installs = [line for line in text.splitlines()
+                    if "pip" in line and " install " in line and not line.lstrip().startswith("#")]
+        assert installs, definition
+        for line in installs:
+            assert "--no-index" in line or ("$wheels" in line and 'wheels="--no-index ' in text), \
+                (definition, line)
+
+
 def test_the_pinned_base_is_the_default_where_debootstrap_cannot_work():
     """Aurora's SLES has neither debootstrap nor a Debian mirror: the pinned docker base; and
     a Python Debian 12 lacks always comes from its python:X.Y-slim base."""

@@ -89,11 +89,12 @@ def test_the_replayed_lines_load_the_module_in_a_shell_without_one(driver, tmp_p
     init is sourced, the module loads; where it cannot, the block ends."""
     driver("module load frameworks")
     first = "\n".join(block()[0][:3])
-    probe = 'echo "$LOADEDMODULES $ZE_FLAT_DEVICE_HIERARCHY $(command -v python3)"'
+    probe = ('echo "$LOADEDMODULES $ZE_FLAT_DEVICE_HIERARCHY $(command -v python3) '
+             '$ONEAPI_DEVICE_SELECTOR"')
     clean = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     out = subprocess.run(["bash", "-c", f"{first}\n{probe}"], env=clean, capture_output=True,
                          text=True, check=True).stdout.split()
-    assert out == [FRAMEWORKS, "FLAT", str(PYTHON)]
+    assert out == [FRAMEWORKS, "FLAT", str(PYTHON), "opencl:gpu;level_zero:gpu"]
     gone = first.replace(f"MODULEPATH={fake.modulefiles()}", f"MODULEPATH={tmp_path}")
     out = subprocess.run(["bash", "-c", f"{gone}\necho still here"], env=clean,
                          capture_output=True, text=True, check=False)

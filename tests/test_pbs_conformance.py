@@ -91,7 +91,9 @@ def test_a_job_through_its_life_in_qstat(cluster):
     d = cluster.workdir()
     job_id = cluster.submit(d, f"until [ -e {d}/go ]; do sleep 0.2; done\n",
                             directives=(WHOLE_NODE, MINUTE))
-    running = cluster.wait_state(job_id, "R")
+    # R with substate 42 once the script runs (real PBS passes 41, pre-run, on the way).
+    running = wait_for(lambda: (job := cluster.job(job_id)) and job["job_state"] == "R"
+                       and job["substate"] == 42 and job, f"job {job_id} running (substate 42)")
     assert ALWAYS | ONCE_RUN <= set(running) and not ONCE_ENDED & set(running), sorted(running)
     assert running["exec_host"] == running["exec_vnode"].strip("()").split(":")[0] + "/0*208"
     assert running["Resource_List"]["walltime"] == "00:01:00"  # normalised

@@ -38,6 +38,9 @@ if [ -e {d}/qstat.fails ]; then
 fi
 cat {d}/qstat.json
 """
+QDEL = """#!/bin/sh
+echo "$*" >> {d}/qdel.calls
+"""
 
 
 class Clock:
@@ -61,18 +64,25 @@ class PBS:
     def __init__(self, folder: Path):
         self.d = folder
         self.answer("Q")
-        for name, text in (("qsub", QSUB), ("qstat", QSTAT)):
+        for name, text in (("qsub", QSUB), ("qstat", QSTAT), ("qdel", QDEL)):
             path = folder / "bin" / name
             path.parent.mkdir(exist_ok=True)
             path.write_text(text.format(d=folder, server=SERVER))
             path.chmod(0o755)
 
-    def answer(self, state: str, **others: str) -> None:
-        """What qstat says from now on, in PBS's JSON: of JOB, and of other jobs by number."""
-        jobs = {JOB: state, **{f"{n}.{SERVER}": s for n, s in others.items()}}
+    def answer(self, state: str, hold: str = "", **others: str) -> None:
+        """What qstat says from now on, in PBS's JSON: of JOB (held with Hold_Types `hold`),
+        and of other jobs by number."""
+        jobs = {j: {"job_state": s} for j, s in
+                {JOB: state, **{f"{n}.{SERVER}": s for n, s in others.items()}}.items()}
+        if hold:
+            jobs[JOB].update(Hold_Types=hold, comment="job held, too many failed attempts to run")
         (self.d / "qstat.json").write_text(json.dumps(
-            {"pbs_server": "aurora-pbs-0001",
-             "Jobs": {j: {"job_state": s} for j, s in jobs.items()}}))
+            {"pbs_server": "aurora-pbs-0001", "Jobs": jobs}))
+
+    def qdel_calls(self) -> list[str]:
+        calls = self.d / "qdel.calls"
+        return calls.read_text().splitlines() if calls.exists() else []
 
     def qstat_calls(self) -> list[str]:
         return (self.d / "qstat.calls").read_text().splitlines()
@@ -156,6 +166,7 @@ def test_failing_qstat_keeps_states_stretches_polling_to_the_cap_and_recovers(tm
 
 @pytest.mark.parametrize("rc, stderr", [
     (170, "qsub: Unknown queue"),
+    (174, "qsub: Access to queue is denied"),  # a queue only its routing queue may send to
     (175, "qsub: Bad UID for job execution"),
     (188, "qsub: Job violates queue and/or server resource limits"),
     (166, "qsub: Illegal attribute or resource value Resource_List.select"),
@@ -174,6 +185,34 @@ def test_each_permanent_refusal_is_one_line_with_code_and_fix(tmp_path, pbs, clo
     assert f"`{stderr or p.last_refusal}`" in p.fatal and p.last_refusal
     if stderr is None:
         assert "qsub" in p.last_refusal and "not found" in p.last_refusal
+
+
+@pytest.mark.parametrize("hold", ["u", "o"])
+def test_a_users_or_operators_hold_is_left_alone_and_a_system_hold_deleted(tmp_path, pbs, clock,
+                                                                         hold):
+    p = provider(tmp_path)
+    assert p.submit("true", 1) == JOB
+    pbs.answer("H", hold=hold)  # held by its user (qhold) or an operator: theirs to release
+    assert p.status([JOB])[0].state == JobState.HELD
+    assert pbs.qdel_calls() == [] and p.fatal == "" and not p.holding_off()
+    pbs.answer("H", hold="s")  # PBS's own hold: the job would sit in the queue for good
+    status = p.status([JOB])[0]
+    assert status.state == JobState.FAILED and "held by PBS" in status.message
+    assert pbs.qdel_calls() == [JOB] and p.holding_off()  # deleted, replaced after the backoff
+
+
+def test_parsls_own_provider_takes_a_failed_qstat_for_every_job_ended(tmp_path, pbs):
+    """What the patient provider is for: Parsl 2025.1.13's PBSProProvider reads the JSON
+    header of a qstat that could not reach the server (exit 255) as "no job left"."""
+    from parsl.providers import PBSProProvider
+
+    p = PBSProProvider(launcher=SimpleLauncher(), queue="debug", account="P", walltime="0:10:00")
+    p.script_dir = str(tmp_path)
+    assert p.submit("true", 1) == JOB
+    pbs.answer("R")
+    assert p.status([JOB])[0].state == JobState.RUNNING
+    pbs.qstat_fails(True)
+    assert p.status([JOB])[0].state == JobState.COMPLETED
 
 
 def test_qstat_is_asked_once_per_poll_and_only_about_jobs_not_seen_ending(tmp_path, pbs):

@@ -95,6 +95,10 @@ def test_bad_tags_say_what_is_allowed(tag):
         check_tag(tag)
 
 
+def test_the_longest_tag_leaves_room_for_the_digest_suffix():
+    assert check_tag("x" * 121) == "x" * 121  # + ".sha256": 128, OCI's longest tag
+
+
 def test_default_tag_from_labels():
     labels = {"org.parsl-project.parsl.version": "2025.1.13",
               "org.opencontainers.image.revision": "8d5a104d439cbedcee0a3bf7748812f6a2c708bb"}
@@ -239,6 +243,29 @@ def test_digest_copied_to_another_tag_is_refused(factory_registry, data_keys, da
 
 
 @needs_tools
+def test_an_older_signed_pair_pushed_back_passes_both_checks(factory_registry, data_keys,
+                                                              data_image, tmp_path):
+    """Not covered (docs/publish.md): rollback. Whoever can write to the registry can put an
+    older image and its digest back under the tag, and pull takes them."""
+    from conftest import tiny_sif
+
+    priv, pub = data_keys["good"]
+    _, old_sha = publish(data_image, factory_registry, priv, tag="t1", insecure=True)
+    old_digest = tmp_path / "old-digest.sif"
+    subprocess.run([APPTAINER, "pull", "--no-https", str(old_digest),
+                    oras_ref(factory_registry, "t1.sha256")], check=True, capture_output=True)
+    newer_dir = tmp_path / "newer"
+    newer_dir.mkdir()
+    newer = tiny_sif(newer_dir, {"org.parsl-project.parsl.version": "2025.2.1"})
+    _, new_sha = publish(newer, factory_registry, priv, tag="t1", insecure=True)
+    assert new_sha != old_sha
+    for src, tag in ((data_image, "t1"), (old_digest, "t1.sha256")):
+        subprocess.run(push_command(APPTAINER, str(src), oras_ref(factory_registry, tag),
+                                    insecure=True), check=True, capture_output=True)
+    assert pull(factory_registry, "t1", pub, out=tmp_path / "got.sif", insecure=True) == old_sha
+
+
+@needs_tools
 def test_wrong_key_is_refused(factory_registry, data_keys, data_image, tmp_path):
     publish(data_image, factory_registry, data_keys["good"][0], tag="t1", insecure=True)
     out = tmp_path / "new.sif"
@@ -278,8 +305,36 @@ def test_unreachable_registry_is_clear_and_keeps_local_image(data_keys, data_ima
     err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("+ ")]
     assert len(err) == 1 and "registry is up" in err[0], err
     print(err[0])
-    with pytest.raises(RegistryError, match="cannot push to oras://"):
+    # The image is pushed first, its digest only after: a reader in between sees the old
+    # digest, and refuses the new image.
+    with pytest.raises(RegistryError, match=r"cannot push to oras://\S+/aurora:t1: "):
         publish(data_image, dead, data_keys["good"][0], tag="t1", insecure=True)
+
+
+@pytest.mark.needs("apptainer")
+def test_a_stale_signature_by_another_key_fails_verification(data_keys, data_image):
+    """Why publish drops old signatures: apptainer verify wants every signature to check out."""
+    for who in ("other", "good"):
+        subprocess.run(sign_command(APPTAINER, str(data_keys[who][0]), str(data_image)),
+                       check=True, capture_output=True)
+    out = subprocess.run(verify_command(APPTAINER, str(data_keys["good"][1]), str(data_image)),
+                         capture_output=True, text=True, check=False)
+    assert out.returncode != 0, out.stderr
+
+
+@pytest.mark.needs("apptainer")
+def test_a_failed_sign_leaves_the_image_as_it_was(data_keys, data_image, tmp_path):
+    """Signed already (publish drops that signature from its copy before signing), then a
+    publish whose key apptainer cannot use: the image keeps every byte."""
+    subprocess.run(sign_command(APPTAINER, str(data_keys["good"][0]), str(data_image)),
+                   check=True, capture_output=True)
+    before = data_image.read_bytes()
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key\n")
+    with pytest.raises(ImageError, match="cannot sign"):
+        publish(data_image, f"127.0.0.1:{free_port()}/pa/aurora", bad, tag="t1", insecure=True)
+    assert data_image.read_bytes() == before
+    assert _leftovers(data_image.parent) == []
 
 
 @needs_tools

@@ -283,9 +283,11 @@ def test_monitoring_database_holds_the_tasks(fake, request):
         tries = con.execute("SELECT COUNT(*) FROM try WHERE task_try_time_returned IS NOT NULL"
                             ).fetchone()[0]
         workflows = con.execute("SELECT COUNT(*) FROM workflow").fetchone()[0]
+        tables = {t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert sorted(t for t, _ in tasks) == list(range(12))
     assert {name for _, name in tasks} == {"work"}
     assert tries == 12 and workflows == 1
+    assert {"workflow", "task", "try", "block", "resource"} <= tables, tables
     assert no_leftovers(flow.folder) == []
 
 

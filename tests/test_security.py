@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import stat
 import subprocess
 import time
@@ -74,12 +75,12 @@ def test_every_mode_is_encrypted_unless_told_not_to(site, mode, tmp_path, restor
 
 # ---------------------------------------------------------------- 2. the attack
 @contextlib.contextmanager
-def interchange_without_blocks(encrypted: bool):
+def interchange_without_blocks(encrypted: bool, **options):
     """A loaded multi_job config on the fake cluster whose provider never starts a block, so the
     only worker pools are the ones a test starts by hand."""
     import parsl
 
-    config = site_configs.load("local", "multi_job", encrypted=encrypted)
+    config = site_configs.load("local", "multi_job", encrypted=encrypted, **options)
     ex = config.executors[0]
     ex.provider.init_blocks = ex.provider.min_blocks = ex.provider.max_blocks = 0
     dfk = parsl.load(config)
@@ -264,6 +265,34 @@ def test_without_encryption_a_keyless_pool_gets_the_task(tmp_path, restore_envir
     assert no_leftovers(tmp_path) == []
 
 
+def test_the_interchange_listens_on_the_workers_address_only(tmp_path, restore_environ):
+    """What the interchange exposes: two ports for pools, in 54000-55000, on the address
+    workers connect to (Aurora: hsn0's), and nothing on any other address."""
+    with interchange_without_blocks(encrypted=True, address="127.0.0.2"):
+        interchange = next(p for p in psutil.Process().children(recursive=True)
+                           if "interchange" in " ".join(p.cmdline()))
+        # ZMQ listens on IPv6 sockets: an IPv4 address shows as ::ffff:a.b.c.d.
+        listening = sorted((c.laddr.ip.removeprefix("::ffff:"), c.laddr.port)
+                           for c in interchange.net_connections("tcp")
+                           if c.status == psutil.CONN_LISTEN)
+    assert len(listening) == 2, listening  # tasks out, results in: nothing else
+    assert all(ip == "127.0.0.2" and 54000 <= port <= 55000 for ip, port in listening), listening
+
+
+def test_the_monitoring_router_listens_on_every_address(tmp_path, restore_environ):
+    """What monitoring=True exposes, outside encryption: Parsl 2025.1.13's router takes UDP on
+    0.0.0.0 and ZMQ on every address in 55050-56000, whatever the hub's address."""
+    with interchange_without_blocks(encrypted=True, monitoring=True):
+        sockets = [c for p in psutil.Process().children(recursive=True)
+                   for c in p.net_connections("inet")
+                   if c.status in (psutil.CONN_LISTEN, psutil.CONN_NONE)]
+    udp = [c.laddr for c in sockets if c.type == socket.SOCK_DGRAM]
+    tcp = [c.laddr for c in sockets
+           if c.type == socket.SOCK_STREAM and 55050 <= c.laddr.port <= 56000]
+    assert [a.ip for a in udp] == ["0.0.0.0"], sockets
+    assert [a.ip for a in tcp] in (["::"], ["0.0.0.0"]), sockets
+
+
 # ---------------------------------------------------------------- 3. file modes
 @contextlib.contextmanager
 def loose_umask() -> Iterator[None]:
@@ -291,6 +320,33 @@ def test_certificates_folder_is_private(tmp_path, restore_environ):
         assert names == ["client.key", "client.key_secret", "server.key", "server.key_secret"]
 
 
+@pytest.mark.parametrize("mode", [0o750, 0o755, 0o711])
+def test_a_certificates_folder_others_can_enter_is_refused(tmp_path, mode):
+    """Parsl's client (what a pool uses) reads keys only from a 0700 folder."""
+    from parsl import curvezmq
+
+    cert_dir = Path(curvezmq.create_certificates(tmp_path))
+    context = curvezmq.ClientContext(cert_dir)
+    try:
+        context.socket(zmq.DEALER).close()  # 0700, as Parsl made it: the keys load
+        cert_dir.chmod(mode)
+        with pytest.raises(OSError, match="certificates directory must be private"):
+            context.socket(zmq.DEALER)
+    finally:
+        context.term()
+
+
+def test_each_run_makes_new_keys(tmp_path, restore_environ):
+    runs = []
+    for _ in range(2):  # runinfo/000, then runinfo/001
+        with interchange_without_blocks(encrypted=True) as ex:
+            # The key pairs, not the files (pyzmq writes its creation time into them).
+            runs.append([zmq.auth.load_certificate(Path(ex.cert_dir) / f"{who}.key_secret")
+                         for who in ("server", "client")])
+    assert all(public and secret for public, secret in runs[0] + runs[1])
+    assert not {key for pair in runs[0] for key in pair} & {key for pair in runs[1] for key in pair}
+
+
 def test_secret_key_files_are_out_of_other_users_reach_whatever_the_umask(monkeypatch,
                                                                          restore_environ):
     # pyzmq writes *.key_secret with the process umask (0666 under 000, 0644 under 022): only
@@ -313,6 +369,9 @@ def _keys_out_of_reach() -> None:
         cert_dir = Path(ex.cert_dir)
         secrets = sorted(cert_dir.glob("*.key_secret"))
         assert len(secrets) == 2
+        # pyzmq writes the keys with the umask (0644 under the usual 022): the folder alone
+        # keeps them private.
+        assert {_mode(p) for p in secrets} == {0o666}
         assert _mode(cert_dir) == 0o700 and cert_dir.stat().st_uid == os.getuid()
         if os.geteuid() == 0:  # CI: ask as another user, as an attacker on the login node would
             for path in secrets:

@@ -176,6 +176,13 @@ BAD = [
     ("multi_job", {"account": "P", "queue": "prod", "nodes_per_job": 512,
                    "walltime": "13:00:00"},
      ["walltime='13:00:00'", "at most 12:00:00 for 512-node jobs in queue 'prod'"]),
+    # prod's walltime cap grows with the job: 12 h up to 1,024 nodes, 18 h to 1,999, 24 h beyond.
+    ("multi_job", {"account": "P", "queue": "prod", "nodes_per_job": 1024,
+                   "walltime": "12:00:01"}, ["at most 12:00:00 for 1024-node jobs"]),
+    ("multi_job", {"account": "P", "queue": "prod", "nodes_per_job": 1999,
+                   "walltime": "18:00:01"}, ["at most 18:00:00 for 1999-node jobs"]),
+    ("multi_job", {"account": "P", "queue": "prod", "nodes_per_job": 2000,
+                   "walltime": "24:00:01"}, ["at most 24:00:00 for 2000-node jobs"]),
     ("multi_job", {"account": "P", "queue": "debug-scaling", "nodes_per_job": 4,
                    "walltime": "1:30:00"},
      ["walltime='1:30:00'", "at most 1:00:00"]),
@@ -296,7 +303,7 @@ def test_in_job_refuses_blank_lines_in_nodefile(tmp_path):
         aurora.in_job(nodefile=str(f))
 
 
-def test_reliability_defaults():
+def test_reliability_defaults(tmp_path):
     """Encrypted, drained before walltime, lost pools noticed in seconds, jobs polled often."""
     for config in (aurora.multi_job(account="P", walltime="1:00:00", **AT),
                    aurora.mpi_ensemble(account="P", walltime="1:00:00", **AT)):
@@ -310,6 +317,15 @@ def test_reliability_defaults():
         == 540
     off = aurora.multi_job(account="P", drain_margin="0:00:00", **AT).executors[0]
     assert off.drain_period is None
+    # in_job's walltime is the job script's, which started the driver: no draining.
+    (tmp_path / "nodes").write_text("x1\n")
+    assert aurora.in_job(nodefile=str(tmp_path / "nodes"), **AT).executors[0].drain_period is None
+    # The fake cluster's heartbeats and qstat are cheap and local: seconds, not tens of them.
+    for mode in ("multi_job", "mpi_ensemble"):
+        ex = site_configs.load("local", mode).executors[0]
+        assert (ex.heartbeat_period, ex.heartbeat_threshold) == (2, 15)
+        assert ex.provider.status_polling_interval == 1
+        assert ex.drain_period == 1800 - 180  # the same rule: a tenth of its 30 min walltime
     with pytest.raises(ConfigError, match=r"drain_margin='0:30:00'.*less than the walltime"):
         aurora.multi_job(account="P", walltime="0:30:00", drain_margin="0:30:00", **AT)
 
