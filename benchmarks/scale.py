@@ -329,7 +329,7 @@ def run(setting: str, n: int, window: float, tasks: int, soft_limit: int | None 
     out = json.loads(lines[-1]) if lines else {"aborted": f"exit {r.returncode}"}
     if r.returncode and "aborted" not in out:
         out = {"aborted": f"exit {r.returncode}: {r.stderr.strip()[-300:]}"}
-    out.update(setting=setting, managers=n, load_before=load,
+    out.update(setting=setting, managers=n, load_before=load, load_after=os.getloadavg()[0],
                measured=dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"))
     print(json.dumps(out), file=sys.stderr, flush=True)
     return out
@@ -338,6 +338,15 @@ def run(setting: str, n: int, window: float, tasks: int, soft_limit: int | None 
 def _key(r: dict) -> tuple:
     """Runs kept apart when merged: a setting's heartbeat may have changed between runs."""
     return (r["setting"], r["managers"], r.get("check", False), tuple(r.get("heartbeat", ())))
+
+
+def merged(saved: list[dict], new: list[dict]) -> list[dict]:
+    """Saved runs and new ones: a new complete run replaces the saved runs of its key; a new
+    stopped run replaces only stopped ones, so it does not hide an earlier complete one."""
+    done = {_key(r) for r in new if "aborted" not in r}
+    stopped = {_key(r) for r in new if "aborted" in r}
+    return [r for r in saved if _key(r) not in done
+            and not ("aborted" in r and _key(r) in stopped)] + new
 
 
 def main() -> int:
@@ -384,8 +393,7 @@ def main() -> int:
         for setting in ("real", "bundle") if a.check else ():
             runs.append(run(setting, a.check, window, 1000, limit=a.limit) | {"check": True})
         saved = json.loads(RESULTS.read_text())["runs"] if a.merge and RESULTS.exists() else []
-        keys = {_key(r) for r in runs}
-        runs = [r for r in saved if _key(r) not in keys] + runs
+        runs = merged(saved, runs)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False)
         RESULTS.write_text(json.dumps({"started": started.isoformat(timespec="minutes"),
@@ -418,9 +426,16 @@ def shortest(r: dict) -> str:
     with the share it kept busy) where the run measured it, else derived from the no-op rate."""
     if "busy_runs" in r:
         first, last = r["busy_runs"]
-        return (f"{last['held_s']:.1f} (measured: {last['busy']:.0%} busy; "
-                f"{first['held_s']:.1f} s: {first['busy']:.0%})")
+        bound = "at most" if last["busy"] >= BUSY else "more than"
+        return (f"{bound} {last['held_s']:.1f} (measured: {last['held_s']:.1f} s kept "
+                f"{last['busy']:.0%} busy, {first['held_s']:.1f} s {first['busy']:.0%})")
     return f"{r['shortest_task_s']:.1f} (derived)"
+
+
+def _load(r: dict) -> str:
+    """The one-minute load average before the run, and after it where recorded."""
+    after = f" / {r['load_after']:.0f}" if "load_after" in r else ""
+    return f"{r['load_before']:.0f}{after}"
 
 
 def _registered(r: dict) -> str:
@@ -446,20 +461,19 @@ def _row(r: dict, started: str = "") -> list[str]:
         state = (f" ({r['registered']:,} registered, {r['gave_up']:,} pools gave up)"
                  if "registered" in r else "")
         return [f"{r['managers']:,}", label, f"stopped: {r['aborted']}{state}", *["-"] * 7,
-                f"{r['load_before']:.0f}", r.get("measured", started)]
+                _load(r), r.get("measured", started)]
     return [f"{r['managers']:,}", label,
             _registered(r), _lost(r),
             f"{_ms(r['rtt_p50'])} / {_ms(r['rtt_p99'])}", _pct(r["ic_cpu_idle"]),
             _pct(r["ic_cpu_tasks"]), f"{r['tasks_per_s']:.0f}", shortest(r),
-            f"{r['peak_rss'] / 2**30:.1f}", f"{r['load_before']:.0f}",
-            r.get("measured", started)]
+            f"{r['peak_rss'] / 2**30:.1f}", _load(r), r.get("measured", started)]
 
 
 HEADER = ["pools", "settings", "all registered after (s)", "lost",
           "heartbeat round trip p50 / p99 (ms)", "interchange CPU, heartbeats alone",
           "interchange CPU, tasks", "no-op tasks/s",
           f"shortest task keeping {BUSY:.0%} of workers busy (s)", "peak memory (GB)",
-          "load average before", "measured (UTC)"]
+          "load average before / after", "measured (UTC)"]
 
 
 def compare(check: list[dict]) -> str:
@@ -514,7 +528,7 @@ def render(data: dict) -> str:
         window=BUSY_WINDOW)
 
 
-IDLE_HEADER = f"tasks shorter than this (s) leave over {100 - BUSY * 100:.0f}% of workers idle"
+IDLE_HEADER = f"shortest task keeping {BUSY:.0%} of workers busy (s)"
 SETTINGS_ORDER = ("bundle", "fixed", "parsl", "split", "real")
 
 
@@ -523,8 +537,9 @@ TEMPLATE = """# The interchange at scale
 Written by `python benchmarks/scale.py` (`nox -s scale`) from its own measurements; do not edit
 by hand; `benchmarks/scale.json` holds the runs it is written from. Last series started
 {started} on {machine}; `uptime` at its end: `{uptime}`; each run's one-minute load average
-before it started, and when it ran (runs of earlier series kept with `--merge` say so), are in
-its row below.
+before it started (and after it, where recorded), and when it ran (runs of earlier series kept
+with `--merge` say so), are in its row below. A run stopped at its limit does not replace an
+earlier complete run of its setting: both are shown.
 
 ## What to set: the envelope
 
@@ -551,7 +566,9 @@ square of the pools above 4,096 per interchange), one interchange:
 - Tasks: the last column is the shortest task that keeps {busy} of the workers ({workers} per
   pool) busy, measured up to {busy_up_to:,} pools (tasks of that length run on every worker
   for at least {window:.0f} s; the share of workers busy beside it), derived from the no-op rate
-  beyond; shorter tasks should be batched into longer ones.
+  beyond; shorter tasks should be batched into longer ones. Parsl's own documentation (at
+  2025.1.13) asks HTEX for tasks of at least 0.01 s per node (20 s at 2,048 nodes); the
+  column says what this interchange sustains by that measure.
 
 ## Every run
 

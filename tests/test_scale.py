@@ -141,3 +141,18 @@ def test_the_busy_share_is_measured_with_tasks_held_their_length(tmp_path):
         assert 0 < run["busy"] <= 1.01, run
     held = sum(run["held_tasks"] * run["held_s"] for run in r["busy_runs"])
     assert r["held_worker_s"] == pytest.approx(held, rel=1e-3), r
+
+
+def test_a_stopped_run_does_not_hide_an_earlier_complete_one(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from scale import merged
+
+    def run(at, **extra):
+        return {"setting": "bundle", "managers": 9000, "heartbeat": [49, 290], "at": at, **extra}
+
+    complete, stopped = run(1), run(2, aborted="time")
+    assert merged([complete], [stopped]) == [complete, stopped]
+    assert merged([complete, stopped], [run(3, aborted="time")]) == [complete, run(3, aborted="time")]
+    assert merged([complete, stopped], [run(4)]) == [run(4)]
+    other = {**run(5), "managers": 512}
+    assert merged([other], [run(6)]) == [other, run(6)]
