@@ -405,6 +405,9 @@ def command_line(case: Case, values: dict) -> str:
     return " ".join(w for w in (limit, env, word, args) if w)
 
 
+RUNS = "tests/test_errors.py::test_bad_input_is_one_line_and_submits_nothing"
+
+
 def doc_text() -> str:
     rows = [f"| {i} | {_cell(c.did)} | `{_cell(command_line(c, DOC_VALUES))}` | "
             f"`{_cell(c.prog or c.cmd.split()[0])}: error: {_cell(c.expect.format(**DOC_VALUES))}` | "
@@ -419,23 +422,31 @@ def doc_text() -> str:
         "`./output/running*` that `examples/workflow.py` makes first, and the run's folder",
         "`runinfo/NNN` where the refusal comes once Parsl runs: PBS refusing the first job, or",
         "a task refused before it reaches a worker, which leaves the run's first block to be",
-        "deleted when the run ends). `parsl-aurora --debug` (or",
-        "`PARSL_AURORA_DEBUG=1` for a workflow script) shows the traceback instead.",
+        f"deleted when the run ends). <!-- claim: {RUNS} -->",
+        "`parsl-aurora --debug` (or `PARSL_AURORA_DEBUG=1` for a workflow script) shows the",
+        ("traceback instead. <!-- claim: tests/test_cli.py::test_the_commands_debug_flag_shows_"
+         "the_traceback tests/test_cli.py::test_debug_shows_the_traceback -->"),
         "`parsl-aurora pull` also prints each apptainer command it starts (`+ apptainer pull",
-        "...`) above the error line.",
+        f"...`) above the error line. <!-- claim: {RUNS} -->",
         "",
         "Your own workflow scripts print these errors the same way, as one line, with no code",
         "of yours: the first such error a process creates installs a `sys.excepthook` that",
         "prints it (and an error Parsl's `BadStateException` carries) as one line and hands",
-        "every other exception to the hook there was. The exit status is then 1, Python's for",
+        ("every other exception to the hook there was. <!-- claim: tests/test_cli.py::test_a_"
+         "users_script_prints_our_error_as_one_line tests/test_cli.py::test_other_exceptions_"
+         "reach_the_hook_there_was -->"),
+        "The exit status is then 1, Python's for",
         "an uncaught exception; for 2, like the examples, end your script with",
-        "`sys.exit(parsl_aurora.errors.run_main(main))`.",
+        ("`sys.exit(parsl_aurora.errors.run_main(main))`. <!-- claim: tests/test_cli.py::test_a_"
+         "users_script_prints_our_error_as_one_line tests/test_cli.py::test_run_main_prints_a_"
+         "bad_state_error_as_one_line -->"),
         "",
         "`python flow.py` is a workflow of one `bash_app` task, its config from",
         "`site_configs.load(...)` as the row says. `$PWD` is the folder the command ran in; on",
         "the fake cluster a stand-in `qsub` answers as Aurora's where neither the fake nor",
         "OpenPBS refuses at submission. This page is generated from the cases in",
         "`tests/test_errors.py`, which runs every one: `python tests/test_errors.py --write-doc`.",
+        f"<!-- claim: tests/test_errors.py::test_doc_lists_every_case {RUNS} -->",
         "",
         "| # | What you did | Command | The message starts | The fix it names |",
         "|---|--------------|---------|--------------------|------------------|",
