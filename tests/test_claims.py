@@ -17,6 +17,7 @@ import difflib
 import importlib
 import json
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from functools import cache
@@ -219,6 +220,34 @@ def test_a_benchmarks_doc_edited_by_hand_is_reported(monkeypatch, tmp_path):
     doc.write_text(doc.read_text().replace("1.00 failed 0.90", "1.00 0.90"))
     d = rendering_differs(run_all.render, results, doc)
     assert [line[0] for line in d[3:]] == ["-", "+"] and "failed" in d[-1], d
+
+
+# ---------------------------------------------------------------- claims about the suite itself
+NEEDS_LMOD = "tests/test_modules.py::test_hierarchy_against_what_worker_init_sets_is_refused"
+
+
+def _suite(ci: bool, tmp_path: Path) -> subprocess.CompletedProcess:
+    """One test that needs Lmod, run by pytest where Lmod is missing (CI=true or not)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env.update(PARSL_AURORA_LMOD_PKG=str(tmp_path / "no-lmod"), PYTHONDONTWRITEBYTECODE="1",
+               **({"CI": "true"} if ci else {}))
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "--basetemp", str(tmp_path / "basetemp"), NEEDS_LMOD],
+                          cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+                          timeout=300)
+
+
+def test_a_missing_component_skips_with_how_to_get_it_and_fails_in_ci(tmp_path):
+    # README: `make test` ends with one line for each missing component and how to get it;
+    # CI (.ci/run sets CI=true) fails if any test is skipped.
+    out = _suite(False, tmp_path)
+    assert out.returncode == 0 and "1 skipped" in out.stdout, out.stdout[-2000:]
+    assert ("not run: tests that need lmod. Lmod is missing: `sudo apt-get install lmod` "
+            "(Debian 12)") in out.stdout
+    out = _suite(True, tmp_path)
+    assert out.returncode != 0 and "CI=true requires lmod" in out.stdout, out.stdout[-2000:]
 
 
 if __name__ == "__main__":

@@ -144,6 +144,13 @@ def test_debug_shows_the_traceback(tmp_path):
     assert r.stderr.rstrip().endswith(FIRST_LINES["load"]), r.stderr
 
 
+def test_the_commands_debug_flag_shows_the_traceback(tmp_path):
+    r = run(CLI, "--debug", "render", "polaris", "multi_job", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith("Traceback"), r.stderr
+    assert r.stderr.rstrip().splitlines()[-1].startswith(
+        "parsl_aurora.errors.ConfigError: site='polaris' is not valid"), r.stderr
+
+
 def test_other_exceptions_reach_the_hook_there_was(tmp_path):
     """The script's own hook, set before the bundle's, still handles everything else."""
     script = _script(tmp_path, """

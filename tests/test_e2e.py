@@ -88,6 +88,15 @@ def test_mpi_tasks_span_two_nodes_with_one_tile_per_rank(cluster, request):
             masks = sorted(re.search(r"ze_affinity_mask=(\S+)", x).group(1) for x in lines
                            if f"host={h} " in x)
             assert masks == TILES, (h, masks)
+    # Its output not a terminal, it waits as workflow.py does: the run directory, then lines of
+    # counts, the last when all 10 are done.
+    from test_progress import LINE
+
+    lines = out.stdout.splitlines()
+    first = next((i for i, x in enumerate(lines) if x.startswith("run directory: ")), None)
+    assert first is not None and lines[first].startswith(f"run directory: {d / 'runinfo' / '000'} "), lines
+    counts = [x for x in lines[first:] if LINE.fullmatch(x)]
+    assert counts and " tasks: 10 done, 0 failed, 0 pending " in counts[-1], lines
     assert no_leftovers(d) == []
 
 

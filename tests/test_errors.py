@@ -9,6 +9,7 @@ and test_doc_lists_every_case fails when the two differ.
 from __future__ import annotations
 
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from conftest import free_port, serve_registry, tiny_sif
+from conftest import LMOD_PKG, free_port, serve_registry, tiny_sif
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "errors.md"
@@ -30,12 +31,13 @@ PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 OTHER_PYTHON = "3.12" if PYTHON != "3.12" else "3.11"
 # What the placeholders in the table read as in docs/errors.md.
 DOC_VALUES = {"dir": "$PWD", "parsl": PARSL, "python": PYTHON, "other_python": OTHER_PYTHON,
-              "bin": "$VENV/bin",
+              "bin": "$VENV/bin", "fake_bin": "$FAKE/bin", "lmod": str(LMOD_PKG),
               "registry": "127.0.0.1:5000/parsl-aurora/aurora",
               "dead": "127.0.0.1:5999/parsl-aurora/aurora"}
 PROGS = {"parsl-aurora": [str(BIN / "parsl-aurora")],
          "workflow.py": [sys.executable, str(ROOT / "examples" / "workflow.py")],
-         "mpi_workflow.py": [sys.executable, str(ROOT / "examples" / "mpi_workflow.py")]}
+         "mpi_workflow.py": [sys.executable, str(ROOT / "examples" / "mpi_workflow.py")],
+         "flow.py": [sys.executable, "flow.py"]}
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,17 @@ class Case:
     # @other_python (another Python), @bare (no version labels), @junk (bytes that are no SIF),
     # @good_pub / @stranger_pub (the publisher's / a stranger's key).
     files: dict = field(default_factory=dict)
-    needs: str = ""  # "apptainer" or "registry" (a loopback registry, apptainer too)
+    needs: str = ""  # "apptainer", "lmod" or "registry" (a loopback registry, apptainer too)
     # `pull` echoes each apptainer command it starts ("+ apptainer pull ..."): progress, kept
     # apart from the one error line.
     echo: bool = False
     prog: str = ""  # who speaks, when not the command's first word (argparse: "parsl-aurora render")
+    nofile: int = 0  # the open-file limit the shell sets first (`ulimit -n`), 0: as it is
+    # The refusal comes once Parsl runs: "pbs" (PBS refuses the first job; nothing is
+    # submitted) or "task" (a task is refused before it reaches a worker; the run's first
+    # block was submitted at start, as always, and is deleted when the run ends). Either
+    # writes the run's folder runinfo/ (and the fake PBS's state).
+    run: str = ""
 
 
 NO_APPTAINER = {"PATH": "{bin}"}  # this interpreter's scripts only
@@ -71,6 +79,32 @@ VERIFY_FIX = "Fix: check --verify-key public.pem is the publisher's public key, 
 RUN_FIX = ("Fix: run this in the folder the workflow ran in, or name the run, e.g. "
            "`parsl-aurora status path/to/runinfo/003`")
 NOT_A_SIF = "container='{dir}/junk.sif' is not valid: expected a SIF image"
+# `python flow.py`: a workflow of one task, its config from site_configs.load(LOAD) as the
+# case's row says, its end through run_main as in the examples.
+FLOW = """import sys
+import parsl
+from parsl import bash_app
+import site_configs
+from parsl_aurora.errors import run_main
+
+@bash_app
+def app(parsl_resource_specification=None):
+    return "touch ran"
+
+def main():
+    with parsl.load(site_configs.load({load})):
+        app({task}).result()
+    return 0
+
+sys.exit(run_main(main))
+"""
+
+
+def flow(load: str, task: str = "") -> dict:
+    return {"flow.py": FLOW.format(load=load, task=task)}
+
+
+QSUB_191 = "#!/bin/sh\necho 'qsub: Job rejected by all possible destinations' >&2\nexit 191\n"
 
 CASES = [
     # ------------------------------------------------ the command line
@@ -139,6 +173,21 @@ CASES = [
          "parsl-aurora render local mpi_ensemble --set nodes_per_task=16",
          "nodes_per_task=16 is not valid: expected at most nodes_per_job (10).",
          "Fix: raise nodes_per_job or lower nodes_per_task"),
+    Case("queue-min-walltime", "asked an Aurora queue for less than its 5 minutes",
+         "parsl-aurora render aurora multi_job --set account=P --set walltime=0:04:00",
+         "walltime='0:04:00' is not valid: expected at least 0:05:00 in queue 'debug'.",
+         "Fix: ask for walltime='0:05:00' or more"),
+    Case("prod-project-jobs", "asked prod for more jobs than a project may have there",
+         "parsl-aurora render aurora multi_job --set account=P --set queue=prod "
+         "--set nodes_per_job=256 --set max_jobs=101",
+         "max_jobs=101 is not valid: expected at most 100 in queue 'prod' (ALCF lets a project "
+         "have 100 queued or running jobs there).", "Fix: pass max_jobs=100"),
+    Case("open-file-limit", "asked for more worker pools than the driver may open files for",
+         "parsl-aurora render aurora multi_job --set account=P --set queue=debug-scaling "
+         "--set nodes_per_job=256", "max_jobs=1 is not valid: expected at most 206 worker pools "
+         "in all (256 asked for: one per node, two connections each, and the interchange may "
+         "open 512 files, the driver's hard open-file limit).",
+         "Fix: ask for fewer nodes, split them over two executors", nofile=512),
     Case("ensemble-idle-nodes", "asked for jobs that tasks cannot fill",
          "parsl-aurora render local mpi_ensemble --set nodes_per_job=9",
          "nodes_per_job=9 is not valid: expected a multiple of nodes_per_task (2).",
@@ -149,6 +198,23 @@ CASES = [
          "Fix: pip install 'parsl-aurora[monitoring]' or run in the image",
          env={"PYTHONPATH": "{dir}/block"},
          files={"block/sqlalchemy.py": "raise ImportError('No module named sqlalchemy')\n"}),
+    Case("ranks-uneven", "gave an MPI task ranks that do not divide over its nodes "
+         "(`parsl_resource_specification={'num_nodes': 2, 'num_ranks': 5}`)", "flow.py",
+         "Invalid Resource Specification Supplied: {{'num_ranks'}}. num_ranks=5 does not divide "
+         "evenly over num_nodes=2", "Fix: pass ranks_per_node, or a num_ranks that is a "
+         "multiple of num_nodes", run="task", files=flow(
+             '"local", "mpi_ensemble"',
+             "parsl_resource_specification={'num_nodes': 2, 'num_ranks': 5}")),
+    # ------------------------------------------------ GPU hierarchy and modules
+    Case("hierarchy-against-modules", "passed a GPU hierarchy the module in worker_init "
+         "contradicts", "parsl-aurora render aurora multi_job --set account=P "
+         "--set hierarchy=COMPOSITE --set 'worker_init=module load frameworks'",
+         "hierarchy='COMPOSITE' is not valid: expected 'FLAT', what worker_init sets", "Fix: "
+         "drop hierarchy=, or end "
+         "worker_init with `export ZE_FLAT_DEVICE_HIERARCHY=COMPOSITE`",
+         env={"MODULEPATH": "{dir}/modulefiles", "LMOD_PKG": "{lmod}"}, needs="lmod",
+         files={"modulefiles/frameworks/2025.3.1.lua":
+                'setenv("ZE_FLAT_DEVICE_HIERARCHY", "FLAT")\n'}),
     # ------------------------------------------------ in-job node files
     Case("nodefile-none", "ran in_job outside a PBS job", "parsl-aurora render aurora in_job",
          "nodefile=None is not valid: expected a PBS node file.",
@@ -189,6 +255,38 @@ CASES = [
          "container=bare.sif", "image '{dir}/bare.sif' has no parsl-aurora.python and "
          "org.parsl-project.parsl.version labels, so only running it can tell", INSTALL_FIX,
          env=NO_APPTAINER, files={"bare.sif": "@bare"}, needs="apptainer"),
+    # Apptainer sets APPTAINER_CONTAINER in every process of a container; the driver is not
+    # started in one here (that needs the full image), only told so as Apptainer tells it.
+    Case("in-job-image-no-host-launcher", "ran in_job's driver in the image without the job "
+         "host's launcher", "parsl-aurora render aurora in_job --set nodefile=nodes.txt",
+         "PARSL_AURORA_HOST_LAUNCH=None is not valid: expected the folder of the job host's "
+         "launcher", "Fix: run the driver from the job script on the host as "
+         "examples/in_job.pbs does: `apptainer exec IMAGE parsl-aurora host-launcher > host.sh; "
+         "bash host.sh IMAGE python3 workflow.py`",
+         env={"APPTAINER_CONTAINER": "{dir}/aurora.sif"}, files={"nodes.txt": "x4102c0s0b0n0\n"}),
+    # ------------------------------------------------ the driver in the image, PBS through the bridge
+    Case("bridge-image-does-not-run", "ran the driver through the PBS bridge in an image that "
+         "does not run here", "parsl-aurora pbs-bridge -- apptainer exec junk.sif python "
+         "workflow.py", "command='apptainer exec junk.sif python' is not valid: expected an "
+         "image that runs on this node.", "ALCF runs containers on compute nodes only: run the "
+         "driver from a venv (docs/aurora.md, routes), or here only where `parsl-aurora check "
+         "--image IMAGE` says route (d) works", files={"junk.sif": "@junk"}, needs="apptainer"),
+    # ------------------------------------------------ PBS refusing the first job
+    Case("qsub-174", "submitted to a queue that takes jobs only from its routing queue "
+         "(`load('local', 'multi_job', queue='small', allow_unlisted_queue=True)`: the fake's "
+         "small, as Aurora's under prod)", "flow.py", "PBS will not take this workflow's jobs:",
+         "`qsub: Access to queue is denied` (qsub exit 174). Fix: submit to the routing queue "
+         "(prod), not to the queues it routes to", run="pbs",
+         files=flow('"local", "multi_job", queue="small", allow_unlisted_queue=True')),
+    # Neither the fake nor OpenPBS refuses at qsub here (both route after qsub returned); a
+    # qsub that answers as ALCF quotes Aurora's stands in for PBS.
+    Case("qsub-191", "asked prod for jobs none of its destinations takes (`load('local', "
+         "'multi_job', queue='prod')`, a qsub answering as Aurora's)", "flow.py",
+         "PBS will not take this workflow's jobs:", "`qsub: Job rejected by all possible "
+         "destinations` (qsub exit 191). Fix: ask for a node count and walltime one of the "
+         "routing queue's destinations takes", run="pbs",
+         env={"PATH": "{dir}/bin:{fake_bin}:{bin}:/usr/bin:/bin"},
+         files={**flow('"local", "multi_job", queue="prod"'), "bin/qsub": QSUB_191}),
     # ------------------------------------------------ the example workflows
     Case("workflow-no-site", "ran a workflow without PARSL_SITE", "workflow.py",
          "site='' is not valid: expected aurora, local, pbs.", SITE_FIX),
@@ -297,10 +395,17 @@ def _cell(text: str) -> str:
 def command_line(case: Case, values: dict) -> str:
     """The case's command as a user types it (test plumbing such as PATH left out)."""
     prog, _, args = case.cmd.format(**values).partition(" ")
-    env = " ".join(f"{k}={v}" for k, v in case.env.items() if k not in ("PATH", "PYTHONPATH"))
+    # Test plumbing left out: PATH and PYTHONPATH, and LMOD_PKG, which a login shell sets.
+    env = " ".join(f"{k}={v.format(**values)}" for k, v in case.env.items()
+                   if k not in ("PATH", "PYTHONPATH", "LMOD_PKG"))
     word = {"workflow.py": "python examples/workflow.py",
-            "mpi_workflow.py": "python examples/mpi_workflow.py"}.get(prog, prog)
-    return " ".join(w for w in (env, word, args) if w)
+            "mpi_workflow.py": "python examples/mpi_workflow.py",
+            "flow.py": "python flow.py"}.get(prog, prog)
+    limit = f"ulimit -n {case.nofile};" if case.nofile else ""
+    return " ".join(w for w in (limit, env, word, args) if w)
+
+
+RUNS = "tests/test_errors.py::test_bad_input_is_one_line_and_submits_nothing"
 
 
 def doc_text() -> str:
@@ -314,20 +419,34 @@ def doc_text() -> str:
         "Every refusal is one line on stderr, `PROG: error: MESSAGE`, where the message names the",
         "option or input, the bad value, what would be valid and the fix; the exit status is 2",
         "and nothing has been submitted, started or written (but for the empty folders",
-        "`./output/running*` that `examples/workflow.py` makes first). `parsl-aurora --debug` (or",
-        "`PARSL_AURORA_DEBUG=1` for a workflow script) shows the traceback instead.",
+        "`./output/running*` that `examples/workflow.py` makes first, and the run's folder",
+        "`runinfo/NNN` where the refusal comes once Parsl runs: PBS refusing the first job, or",
+        "a task refused before it reaches a worker, which leaves the run's first block to be",
+        f"deleted when the run ends). <!-- claim: {RUNS} -->",
+        "`parsl-aurora --debug` (or `PARSL_AURORA_DEBUG=1` for a workflow script) shows the",
+        ("traceback instead. <!-- claim: tests/test_cli.py::test_the_commands_debug_flag_shows_"
+         "the_traceback tests/test_cli.py::test_debug_shows_the_traceback -->"),
         "`parsl-aurora pull` also prints each apptainer command it starts (`+ apptainer pull",
-        "...`) above the error line.",
+        f"...`) above the error line. <!-- claim: {RUNS} -->",
         "",
         "Your own workflow scripts print these errors the same way, as one line, with no code",
         "of yours: the first such error a process creates installs a `sys.excepthook` that",
         "prints it (and an error Parsl's `BadStateException` carries) as one line and hands",
-        "every other exception to the hook there was. The exit status is then 1, Python's for",
+        ("every other exception to the hook there was. <!-- claim: tests/test_cli.py::test_a_"
+         "users_script_prints_our_error_as_one_line tests/test_cli.py::test_other_exceptions_"
+         "reach_the_hook_there_was -->"),
+        "The exit status is then 1, Python's for",
         "an uncaught exception; for 2, like the examples, end your script with",
-        "`sys.exit(parsl_aurora.errors.run_main(main))`.",
+        ("`sys.exit(parsl_aurora.errors.run_main(main))`. <!-- claim: tests/test_cli.py::test_a_"
+         "users_script_prints_our_error_as_one_line tests/test_cli.py::test_run_main_prints_a_"
+         "bad_state_error_as_one_line -->"),
         "",
-        "`$PWD` is the folder the command ran in. This page is generated from the cases in",
+        "`python flow.py` is a workflow of one `bash_app` task, its config from",
+        "`site_configs.load(...)` as the row says. `$PWD` is the folder the command ran in; on",
+        "the fake cluster a stand-in `qsub` answers as Aurora's where neither the fake nor",
+        "OpenPBS refuses at submission. This page is generated from the cases in",
         "`tests/test_errors.py`, which runs every one: `python tests/test_errors.py --write-doc`.",
+        f"<!-- claim: tests/test_errors.py::test_doc_lists_every_case {RUNS} -->",
         "",
         "| # | What you did | Command | The message starts | The fix it names |",
         "|---|--------------|---------|--------------------|------------------|",
@@ -406,6 +525,8 @@ def registry(tmp_path_factory, other_image, data_keys):
 def _marks(case: Case) -> list:
     if not case.needs:
         return []
+    if case.needs == "lmod":
+        return [pytest.mark.needs("lmod")]
     return [pytest.mark.needs("apptainer", *(["registry"] if case.needs == "registry" else []))]
 
 
@@ -418,7 +539,7 @@ def test_bad_input_is_one_line_and_submits_nothing(case, tmp_path, request):
     from parsl_aurora import fake
 
     here = tmp_path.resolve()
-    values = {**DOC_VALUES, "dir": str(here), "bin": str(BIN),
+    values = {**DOC_VALUES, "dir": str(here), "bin": str(BIN), "fake_bin": str(fake.bin_dir()),
               "dead": f"127.0.0.1:{free_port()}/parsl-aurora/aurora"}
     if case.needs == "registry":
         values.update(request.getfixturevalue("registry"))
@@ -435,6 +556,8 @@ def test_bad_input_is_one_line_and_submits_nothing(case, tmp_path, request):
             shutil.copyfile(request.getfixturevalue("registry")[text[1:]], path)
         else:
             path.write_text(text)
+            if path.parent.name == "bin":
+                path.chmod(0o755)
     before = _tree(here)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("PARSL_") and k not in ("PBS_NODEFILE", "PYTHONPATH")}
@@ -443,8 +566,12 @@ def test_bad_input_is_one_line_and_submits_nothing(case, tmp_path, request):
                PARSL_AURORA_FAKE_DIR=str(here / "fake-state"), PYTHONDONTWRITEBYTECODE="1")
     env.update({k: v.format(**values) for k, v in case.env.items()})
     prog, *args = shlex.split(case.cmd.format(**values))
+    def limit() -> None:  # what `ulimit -n N` in the user's shell does
+        if case.nofile:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (case.nofile, case.nofile))
+
     out = subprocess.run(PROGS[prog] + args, cwd=here, env=env, capture_output=True, text=True,
-                         timeout=120, check=False)
+                         timeout=120, check=False, preexec_fn=limit)
 
     lines = [ln for ln in out.stderr.strip().splitlines()
              if not (case.echo and ln.startswith("+ "))]
@@ -454,9 +581,13 @@ def test_bad_input_is_one_line_and_submits_nothing(case, tmp_path, request):
         lines[0]
     assert case.fix.format(**values) in lines[0], lines[0]
     # Nothing submitted, started or written: no fake job, no Parsl run folder, no file at all
-    # (workflow.py makes its ./output folder before it loads the config).
-    assert not list(here.rglob("jobs/*.json"))
-    assert {p for p in _tree(here) - before if p.split(os.sep)[0] != "output"} == set()
+    # (workflow.py makes its ./output folder before it loads the config; a refusal once Parsl
+    # runs leaves the run's folder and the fake PBS's empty state).
+    if case.run != "task":
+        assert not list(here.rglob("jobs/*.json"))
+    kept = {"output", *(("runinfo", "fake-state") if case.run else ())}
+    assert {p for p in _tree(here) - before if p.split(os.sep)[0] not in kept} == set()
+    assert (here / "runinfo").is_dir() is bool(case.run)
 
 
 if __name__ == "__main__":

@@ -512,6 +512,28 @@ def test_nothing_can_be_pip_installed_in_the_image(built_image):
     assert out.stdout == "" and "No module named pip" in out.stderr, out.stdout + out.stderr
 
 
+# Every distribution a Python in the image finds: name (normalised as the lock's) and version.
+INSTALLED = ("import importlib.metadata as m, json; from parsl_aurora.image.lock import "
+             "requirement_name as n; print(json.dumps({n(d.metadata['Name']): d.version "
+             "for d in m.distributions()}))")
+
+
+@needs_apptainer
+def test_the_images_packages_are_the_locks_pins(built_image):
+    """Python packages come only from the lock: what the image's Python finds, on the default
+    path and on the monitoring path, is the lock's pins, each at its version, and nothing else
+    (but the project and pip, which the build runs from its wheel and never installs)."""
+    found = {}
+    for path in ("", "$PARSL_AURORA_MONITORING_PATH"):
+        out = run("apptainer", "exec", str(built_image), "sh", "-c",
+                  f'PYTHONPATH={path} exec python -c "$0"', INSTALLED)
+        assert out.returncode == 0, out.stderr
+        found.update(json.loads(out.stdout))
+    assert found.pop("parsl-aurora")
+    pins = lock.pinned_versions((ROOT / lock.lock_path("3.11")).read_text())
+    assert found == {k: v for k, v in pins.items() if k != "pip"}
+
+
 @needs_apptainer
 def test_second_build_reuses_the_image(built_image):
     before = built_image.stat().st_mtime_ns

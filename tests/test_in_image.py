@@ -313,16 +313,18 @@ while provider.status([job])[0].state.name == "RUNNING" and time.monotonic() < e
 foreign = bridge.host_request(folder, "cancel", "1")
 missing = bridge.host_request(folder, "submit", "/nonexistent/block.sh")
 theirs = bridge.host_request(folder, "submit", sys.argv[1]) if len(sys.argv) > 1 else "-"
+modes = [oct(os.stat(p).st_mode & 0o777) for p in (folder, folder + "/requests")]
 print(alive_while_running, provider._is_alive(provider.resources[job]),
       provider.status([job])[0].state.name, os.environ["APPTAINER_CONTAINER"], foreign, missing,
-      theirs, sep="\\n")
+      theirs, " ".join(modes), sep="\\n")
 """
 
 
 def test_in_job_blocks_from_a_driver_in_the_image_start_on_the_host(built_image, tmp_path):
     """The job host's launcher (carried by the image, run by bash on the host) starts the block
     a driver in the image hands it outside the container, says whether it runs, cancels it,
-    and refuses a missing script, another user's script and a process it did not start."""
+    and refuses a missing script, another user's script and a process it did not start. Its
+    channel is private: a folder only the user may enter, a FIFO only the user may write."""
     host = tmp_path / "host.sh"
     with host.open("w") as f:
         subprocess.run(["apptainer", "exec", str(built_image), "parsl-aurora", "host-launcher"],
@@ -336,8 +338,9 @@ def test_in_job_blocks_from_a_driver_in_the_image_start_on_the_host(built_image,
     out = subprocess.run(["bash", str(host), str(built_image), "python3", "client.py", *theirs],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
-    alive, after, state, driver_in, foreign, missing, other = out.stdout.splitlines()
+    alive, after, state, driver_in, foreign, missing, other, modes = out.stdout.splitlines()
     assert (alive, after, state) == ("True", "False", "CANCELLED")
+    assert modes == "0o700 0o600"
     assert driver_in == str(built_image)  # the driver ran in the image, its block outside
     assert (tmp_path / "where.txt").read_text() == "host\n"
     assert foreign == "error: no block 1 started here"

@@ -65,8 +65,13 @@ def ours(error: BaseException) -> AuroraError | None:
     return None
 
 
+# Set by run_main(debug=True) (`parsl-aurora --debug`): the error it re-raises reaches the
+# hook below, which must then show the traceback too.
+_debugging = False
+
+
 def _debug() -> bool:
-    return os.environ.get("PARSL_AURORA_DEBUG", "") not in ("", "0")
+    return _debugging or os.environ.get("PARSL_AURORA_DEBUG", "") not in ("", "0")
 
 
 def _prog() -> str:
@@ -101,8 +106,11 @@ def run_main(main: Callable[[], int], prog: str | None = None, debug: bool | Non
 
     `prog` defaults to the script's name; `debug` (re-raise instead) to $PARSL_AURORA_DEBUG.
     """
+    global _debugging
     if debug is None:
         debug = _debug()
+    elif debug:
+        _debugging = True
     try:
         return main()
     except Exception as e:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from parsl.executors import HighThroughputExecutor as _HTEX
 from parsl.executors import MPIExecutor as _MPIExecutor
+from parsl.executors.errors import InvalidResourceSpecification
 from parsl.jobs.states import JobState
 
-from parsl_aurora.errors import SchedulerError
+from parsl_aurora.errors import AuroraError, SchedulerError
 
 
 class _Patient:
@@ -84,18 +85,21 @@ def whole_ranks_per_node(spec: dict) -> None:
     `$PARSL_MPI_PREFIX` as `-ppn 12.0`, which PALS's mpiexec declares an integer and refuses.
     Ranks that do not divide evenly over the nodes are refused here, before the task runs.
     """
-    from parsl.executors.errors import InvalidResourceSpecification
-
     nodes, ranks = spec.get("num_nodes"), spec.get("num_ranks")
     if not nodes or not ranks or spec.get("ranks_per_node"):
         return
     per_node, rest = divmod(int(ranks), int(nodes))
     if rest or not per_node:
-        raise InvalidResourceSpecification(
+        raise UnevenRanks(
             {"num_ranks"}, f"num_ranks={ranks} does not divide evenly over num_nodes={nodes}: "
             "PALS places the same number of ranks on every node (--ppn takes an integer). "
             "Fix: pass ranks_per_node, or a num_ranks that is a multiple of num_nodes")
     spec["ranks_per_node"] = per_node
+
+
+class UnevenRanks(AuroraError, InvalidResourceSpecification):
+    """Parsl's own refusal of a task's resources (what its callers catch), and one of ours, so
+    the task's future, and a script that lets it end the run, say it in one line."""
 
 
 def last_line(path: str | None) -> str:
