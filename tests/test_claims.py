@@ -201,6 +201,17 @@ def test_scale_doc_is_what_the_committed_scale_runs_render(monkeypatch):
         "\n".join(d[:40])
 
 
+def test_the_shared_file_system_section_is_what_the_committed_runs_render(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sharedfs = importlib.import_module("sharedfs")
+    text = sharedfs.DOC.read_text()
+    section = sharedfs.BEGIN + text.split(sharedfs.BEGIN, 1)[1].split(sharedfs.END, 1)[0] \
+        + sharedfs.END
+    rendered = sharedfs.render(json.loads(sharedfs.RESULTS.read_text()))
+    assert section == rendered, "\n".join(difflib.unified_diff(
+        section.splitlines(), rendered.splitlines(), "docs/image.md", "rendered", lineterm=""))
+
+
 def test_a_benchmarks_doc_edited_by_hand_is_reported(monkeypatch, tmp_path):
     # The comparison above, on results written here and rendered by run_all's own command line.
     run_all = _run_all(monkeypatch)
