@@ -324,11 +324,13 @@ def built_image(tmp_path_factory) -> Path:
     labels = build.image_labels(image)
     base = checkout / inputs.base_path(labels[inputs.LABEL_PYTHON], labels["parsl-aurora.base-key"])
     wheelhouse = checkout / inputs.WHEELHOUSE / "base"
-    if wheelhouse.exists():  # this build made the base
-        _keep_base(base, wheelhouse)
-    else:
-        shutil.copytree(IMAGE_CACHE / base.stem / "wheelhouse", wheelhouse)
-        os.utime(IMAGE_CACHE / base.stem)  # used
+    # The cache only saves time: a session that cannot write it (another user's) goes on.
+    with contextlib.suppress(OSError):
+        if wheelhouse.exists():  # this build made the base
+            _keep_base(base, wheelhouse)
+        else:
+            shutil.copytree(IMAGE_CACHE / base.stem / "wheelhouse", wheelhouse)
+            os.utime(IMAGE_CACHE / base.stem)  # used
     return image
 
 
