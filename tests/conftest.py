@@ -13,7 +13,26 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-IMAGE = ROOT / "aurora.sif"
+
+
+def copy_checkout(dest: Path) -> Path:
+    """The working tree as git sees it (tracked and new files, not ignored ones: no image,
+    wheelhouse or cache of an earlier run), in DEST with a .git of its own at the same commit:
+    a build there records the commit, as a user's build in a clone does. ROOT may be a git
+    worktree (its .git is a file naming a folder of the main repository's)."""
+    def git(*args: str, cwd: Path = ROOT) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                              check=True).stdout
+
+    head = git("rev-parse", "HEAD").strip()
+    git("clone", "-q", "--no-checkout", "--shared", str(ROOT), str(dest))
+    git("reset", "-q", head, cwd=dest)  # the index at HEAD: `git status` sees what ROOT's does
+    for name in filter(None, git("ls-files", "-co", "--exclude-standard", "-z").split("\0")):
+        src = ROOT / name
+        if src.is_file():  # not a file deleted but not yet committed
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name, follow_symlinks=False)
+    return dest
 
 
 @pytest.fixture(autouse=True)
@@ -191,16 +210,72 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for component, why in _missing.items():
         if why:
             terminalreporter.write_line(f"not run: tests that need {component}. {why}")
+    if written := config.stash.get(_CHECKOUT_WRITTEN, []):
+        terminalreporter.write_sep("=", "the tests wrote into the checkout", red=True)
+        terminalreporter.write_line(f"{ROOT}: tests write only into their own temporary "
+                                    "folders (git status of each file; a file edited by hand "
+                                    "during the run shows here too):", red=True)
+        for line in written:
+            terminalreporter.write_line(f"  {line}", red=True)
     skipped = terminalreporter.stats.get("skipped", [])
     if CI and skipped:
         terminalreporter.write_line(f"CI=true: {len(skipped)} skipped tests count as failures",
                                     red=True)
 
 
+def pytest_sessionstart(session):
+    session.config.stash[_CHECKOUT_BEFORE] = checkout_state()
+
+
 def pytest_sessionfinish(session, exitstatus):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if CI and reporter is not None and reporter.stats.get("skipped") and exitstatus == 0:
         session.exitstatus = 1
+    before, after = session.config.stash.get(_CHECKOUT_BEFORE, None), checkout_state()
+    if before is not None and after is not None and (written := checkout_changes(before, after)):
+        session.config.stash[_CHECKOUT_WRITTEN] = written  # the terminal summary, next, says so
+        session.exitstatus = 1
+
+
+# ---------------------------------------------------------------- the checkout stays as it was
+# What the runner itself makes in the checkout: make's and nox's environments (with the editable
+# install's metadata, made before pytest starts) and the tools' caches.
+RUNNER_MADE = (".tools", ".nox", ".pytest_cache", ".ruff_cache")
+_CHECKOUT_BEFORE = pytest.StashKey[dict[str, tuple[str, int]] | None]()
+_CHECKOUT_WRITTEN = pytest.StashKey[list[str]]()
+
+
+def checkout_state(root: Path = ROOT) -> dict[str, tuple[str, int]] | None:
+    """Path -> (git's two status letters, mtime) of every modified, new or ignored file below
+    ROOT, one by one (not folded into its folder), bar RUNNER_MADE and __pycache__; None
+    outside a git checkout."""
+    spec = [f":(exclude){d}" for d in RUNNER_MADE] + [":(exclude,glob)**/__pycache__/**"]
+    out = subprocess.run(["git", "status", "--porcelain=v1", "-z", "--ignored",
+                          "--untracked-files=all", "--", ".", *spec], cwd=root,
+                         capture_output=True, check=False)
+    if out.returncode != 0:
+        return None
+    state, entries = {}, iter(out.stdout.decode(errors="replace").split("\0"))
+    for entry in entries:
+        if not entry:
+            continue
+        code, path = entry[:2], entry[3:]
+        if code[0] in "RC":  # a staged rename or copy: its source path follows
+            next(entries, None)
+        try:
+            state[path] = (code, (root / path).lstat().st_mtime_ns)
+        except OSError:  # deleted
+            state[path] = (code, 0)
+    return state
+
+
+def checkout_changes(before: dict[str, tuple[str, int]],
+                     after: dict[str, tuple[str, int]]) -> list[str]:
+    """`XY path` for every file whose status is new since BEFORE, and every file git does not
+    track (new or ignored) written since: an image, a wheelhouse, a run folder of a test."""
+    return [f"{code} {path}" for path, (code, mtime) in sorted(after.items())
+            if path not in before or before[path][0] != code
+            or (code in ("??", "!!") and before[path][1] != mtime)]
 
 
 needs_apptainer = pytest.mark.needs("apptainer")
@@ -223,14 +298,69 @@ def image_for_nobody(built_image) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+# The base layer (a debootstrap: most of a cold build) kept between sessions and checkouts as
+# the build keys it (its file name holds the key: definition, lock, bootstrap, apptainer), each
+# in a folder with the wheelhouse it was built from (the security tests scan what %files copied).
+IMAGE_CACHE = Path("/tmp/parsl-aurora-image-cache")
+KEEP_BASES = 3  # per Python: the newest used, for checkouts at other commits
+
+
 @pytest.fixture(scope="session")
-def built_image() -> Path:
-    """aurora.sif at the repository root, built by the same command users run, or reused."""
-    out = subprocess.run([sys.executable, "-m", "parsl_aurora.image", "build"], cwd=ROOT,
+def built_image(tmp_path_factory) -> Path:
+    """aurora.sif built by the command users run, in a copy of the checkout (with its .git, so
+    the image records the commit) in this session's temporary folder; the base layer comes
+    from IMAGE_CACHE when its key is there, and a new one goes back to it."""
+    from parsl_aurora.image import build, inputs
+
+    checkout = copy_checkout(tmp_path_factory.mktemp("image") / "checkout")
+    (checkout / inputs.CACHE).mkdir()
+    for entry in IMAGE_CACHE.glob("base-*/base.sif"):  # a build replaces files, never writes
+        with contextlib.suppress(FileNotFoundError):  # into one; dropped by another session
+            _link_or_copy(entry, checkout / inputs.CACHE / f"{entry.parent.name}.sif")
+    out = subprocess.run([sys.executable, "-m", "parsl_aurora.image", "build"], cwd=checkout,
                          check=False, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"image build failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    assert IMAGE.exists()
-    return IMAGE
+    image = checkout / inputs.IMAGE
+    labels = build.image_labels(image)
+    base = checkout / inputs.base_path(labels[inputs.LABEL_PYTHON], labels["parsl-aurora.base-key"])
+    wheelhouse = checkout / inputs.WHEELHOUSE / "base"
+    # The cache only saves time: a session that cannot write it (another user's) goes on.
+    with contextlib.suppress(OSError):
+        if wheelhouse.exists():  # this build made the base
+            _keep_base(base, wheelhouse)
+        else:
+            shutil.copytree(IMAGE_CACHE / base.stem / "wheelhouse", wheelhouse)
+            os.utime(IMAGE_CACHE / base.stem)  # used
+    return image
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:  # another file system
+        shutil.copy2(src, dest)
+
+
+def _keep_base(base: Path, wheelhouse: Path) -> None:
+    """Put BASE and its WHEELHOUSE into IMAGE_CACHE as one folder, whole or not at all
+    (sessions of other checkouts read it), and drop all but the KEEP_BASES newest used of
+    each Python there."""
+    IMAGE_CACHE.mkdir(mode=0o755, exist_ok=True)
+    part = IMAGE_CACHE / f".{base.stem}.{os.getpid()}.part"
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir()
+    _link_or_copy(base, part / "base.sif")
+    shutil.copytree(wheelhouse, part / "wheelhouse")
+    try:
+        part.rename(IMAGE_CACHE / base.stem)
+    except OSError:  # another session put the same base there first
+        shutil.rmtree(part)
+    by_python: dict[str, list[Path]] = {}
+    for entry in IMAGE_CACHE.glob("base-*"):
+        by_python.setdefault(entry.name.split("-")[1], []).append(entry)
+    for entries in by_python.values():
+        for old in sorted(entries, key=lambda e: e.stat().st_mtime, reverse=True)[KEEP_BASES:]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- PBS: the fake and the real one
@@ -254,6 +384,17 @@ def real_pbs():
     c.cleanup()
 
 
+def project_wheel(folder: Path) -> Path:
+    """This checkout's wheel, made in FOLDER from a copy of its sources: pip builds in the tree
+    it is given, leaving build/ and *.egg-info there."""
+    from parsl_aurora.image.build import copy_sources
+
+    copy_sources(ROOT, folder / "src")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(folder),
+                    str(folder / "src")], check=True, capture_output=True)
+    return next(folder.glob("parsl_aurora-*.whl"))
+
+
 @pytest.fixture(scope="session")
 def user_venv(tmp_path_factory) -> Path:
     """A venv of the system Python with this checkout installed ([fake]: MPI for the fake
@@ -263,10 +404,7 @@ def user_venv(tmp_path_factory) -> Path:
     """
     import hashlib
 
-    wheels = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels),
-                    str(ROOT)], check=True, capture_output=True)
-    wheel = next(wheels.glob("parsl_aurora-*.whl"))
+    wheel = project_wheel(tmp_path_factory.mktemp("wheel"))
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()[:12]
     venv = Path("/tmp/parsl-aurora-pbs-tests") / f"venv-{digest}"
     if not (venv / ".complete").exists():

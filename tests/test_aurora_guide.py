@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from clusters import wait_for
-from conftest import LMOD_PKG, ROOT, leftovers, serve_registry
+from conftest import LMOD_PKG, ROOT, copy_checkout, leftovers, serve_registry
 
 from parsl_aurora import runs
 
@@ -157,28 +157,6 @@ class Shell:
         return Path(self.cwd.read_text().strip())
 
 
-def _copy_checkout(dest: Path, image: Path | None) -> None:
-    """The working tree as git sees it (tracked and new files, not ignored ones), with its
-    .git: `make image` records the commit, and so finds the copied image up to date."""
-    if (ROOT / ".git").is_dir():
-        shutil.copytree(ROOT / ".git", dest / ".git", symlinks=True)
-    else:  # a git worktree, whose .git file names a folder of the main repository's
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        subprocess.run(["git", "clone", "-q", "--no-checkout", "--shared", str(ROOT), str(dest)],
-                       check=True)
-        subprocess.run(["git", "reset", "-q", head], cwd=dest, check=True)
-    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, names):
-        src = ROOT / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    if image is not None:
-        shutil.copy2(image, dest / "aurora.sif")
-
-
 def _environment(home: Path, scratch: Path) -> dict[str, str]:
     """A login shell's environment: this machine's own configuration for package indexes and
     nothing of the test's Python."""
@@ -293,7 +271,7 @@ def _driver_ended(g: Guide) -> None:
 def test_the_guide_on_the_fake_cluster(guide, tmp_path):
     """Steps 1 and 3-7: set up, run the campaign in tmux, watch it, stop it after 12 of 24
     tasks, clean up, resume with nohup: the rest runs, the 12 finished ones do not."""
-    _copy_checkout(tmp_path / "checkout", None)
+    copy_checkout(tmp_path / "checkout")
     for block in blocks(GUIDE.read_text()):
         if "image" in block.tags:
             continue
@@ -345,7 +323,7 @@ def test_the_guide_image_steps(guide, tmp_path, built_image, data_keys):
     image, through the PBS bridge."""
     from parsl_aurora.publish import publish
 
-    _copy_checkout(tmp_path / "checkout", built_image)
+    shutil.copy2(built_image, copy_checkout(tmp_path / "checkout") / "aurora.sif")
     private, public = data_keys["good"]
     (tmp_path / "registry").mkdir()
     with serve_registry(tmp_path / "registry") as repo:

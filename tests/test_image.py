@@ -537,7 +537,7 @@ def test_the_images_packages_are_the_locks_pins(built_image):
 @needs_apptainer
 def test_second_build_reuses_the_image(built_image):
     before = built_image.stat().st_mtime_ns
-    out = run(sys.executable, "-m", "parsl_aurora.image", "build", cwd=ROOT)
+    out = run(sys.executable, "-m", "parsl_aurora.image", "build", cwd=built_image.parent)
     assert out.returncode == 0, out.stderr
     assert built_image.stat().st_mtime_ns == before
 
@@ -631,7 +631,7 @@ def test_own_packages_in_a_derived_image(built_image, tmp_path):
     derived = tmp_path / "derived.sif"
     cmd = (sys.executable, "-m", "parsl_aurora.image", "build", "--extra", str(reqs),
            "--extra-date", "2025-06-01", "--extra-image", str(derived))
-    out = run(*cmd, cwd=ROOT)
+    out = run(*cmd, cwd=built_image.parent)  # the checkout it was built in
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lock_file = tmp_path / "requirements.lock"
     entries = lock.lock_entries(lock_file.read_text())
@@ -654,7 +654,7 @@ def test_own_packages_in_a_derived_image(built_image, tmp_path):
         "org.opencontainers.image.revision"]
 
     before = (lock_file.stat().st_mtime_ns, derived.stat().st_mtime_ns)
-    out = run(*cmd, cwd=ROOT)  # same inputs: the lock and the image are reused
+    out = run(*cmd, cwd=built_image.parent)  # same inputs: the lock and the image are reused
     assert out.returncode == 0 and "is up to date" in out.stdout, out.stdout + out.stderr
     assert (lock_file.stat().st_mtime_ns, derived.stat().st_mtime_ns) == before
 

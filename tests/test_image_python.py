@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, serve_registry
+from conftest import ROOT, project_wheel, serve_registry
 from test_image import WORKERS_IN_IMAGE, labels, run
 
 from parsl_aurora.image import build, inputs, lock
@@ -39,10 +39,7 @@ def base_312(tmp_path_factory):
 def nobody_venv(tmp_path_factory) -> Path:
     """The build's own tools (this project with [image]) where nobody can run them: the tests'
     interpreter lives in root's home. A venv of the system Python, as a user would make one."""
-    wheels = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels),
-                    str(ROOT)], check=True, capture_output=True)
-    wheel = next(wheels.glob("parsl_aurora-*.whl"))
+    wheel = project_wheel(tmp_path_factory.mktemp("wheel"))
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()[:12]
     venv = Path("/tmp/parsl-aurora-build-tools") / f"venv-{digest}"
     if not (venv / ".complete").exists():
@@ -149,7 +146,7 @@ def driver_312(tmp_path_factory) -> Path:
     subprocess.run([uv, "venv", "-q", "--python", str(py / "bin" / f"python{PYTHON}"),
                     str(venv)], check=True)
     for args in (["--require-hashes", "--no-deps", "-r", str(ROOT / lock.lock_path(PYTHON))],
-                 ["--no-deps", str(ROOT)]):
+                 ["--no-deps", str(project_wheel(d / "wheel"))]):
         done = subprocess.run([uv, "pip", "install", "-q", "--python", str(venv / "bin" /
                                                                            "python"), *args],
                               capture_output=True, text=True, check=False)
