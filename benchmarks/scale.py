@@ -392,8 +392,10 @@ def main() -> int:
             runs.append(run("split", a.split, window, a.tasks, limit=a.limit))
         for setting in ("real", "bundle") if a.check else ():
             runs.append(run(setting, a.check, window, 1000, limit=a.limit) | {"check": True})
-        saved = json.loads(RESULTS.read_text())["runs"] if a.merge and RESULTS.exists() else []
-        runs = merged(saved, runs)
+        saved = json.loads(RESULTS.read_text()) if a.merge and RESULTS.exists() else {}
+        for r in saved.get("runs", []):  # kept from an earlier series: when that one ran
+            r.setdefault("measured", saved["started"])
+        runs = merged(saved.get("runs", []), runs)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False)
         RESULTS.write_text(json.dumps({"started": started.isoformat(timespec="minutes"),
