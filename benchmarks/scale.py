@@ -627,8 +627,9 @@ work (the load above), and the simulated pools run on the same 2 cores as the in
 the driver, where on Aurora they run on the compute nodes. The interchange's CPU share and the
 round trips are upper bounds, and the no-op rate a lower bound (so the shortest task an upper
 bound), for a login node (where, too, a driver busy with other work submits more slowly);
-the registration time here includes starting the pools' processes on these 2 cores. The open-file limit and the message counts (2 x pools / heartbeat period per
-second) are the same anywhere.
+the registration time here includes starting the pools' processes on these 2 cores. The
+open-file limit and the message counts (2 x pools / heartbeat period per second) are the same
+anywhere.
 """
 
 
