@@ -290,10 +290,11 @@ def one(setting: str, n: int, window: float, tasks: int, soft_limit: int | None,
         if busy:
             # First at the length the no-op burst's rate implies, then at the length the
             # first's busy share implies (the sustained rate can be lower than a burst's).
-            first = busy_fraction(parsl.python_app(hold), BUSY * n * WORKERS /
-                                  result["tasks_per_s"], n * WORKERS, run_dir, busy)
+            held = parsl.python_app(hold)
+            first = busy_fraction(held, BUSY * n * WORKERS / result["tasks_per_s"],
+                                  n * WORKERS, run_dir, busy)
             result["busy_runs"] = [first, busy_fraction(
-                parsl.python_app(hold), first["held_s"] * BUSY / max(first["busy"], 0.05), n * WORKERS,
+                held, first["held_s"] * BUSY / max(first["busy"], 0.05), n * WORKERS,
                 run_dir, busy)]
         time.sleep(2)  # each process rewrites its report every second
         reports = sim_reports(run_dir)

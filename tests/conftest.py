@@ -281,6 +281,15 @@ def checkout_changes(before: dict[str, tuple[str, int]],
 needs_apptainer = pytest.mark.needs("apptainer")
 
 
+@pytest.fixture
+def restore_environ():
+    """Local configs put the fake's commands into os.environ; put it back afterwards."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def image_for_nobody(built_image) -> Path:
     """A copy nobody can read: /root (where the checkout may live) is not traversable.

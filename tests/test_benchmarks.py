@@ -2,7 +2,6 @@
 
 import importlib
 import logging
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -20,15 +19,6 @@ def bench(monkeypatch):
     return SimpleNamespace(**{m: importlib.import_module(m) for m in
                               ("harness", "configs", "scheduler", "container", "run_all",
                                "slowfs", "model", "sharedfs", "first_result", "throughput")})
-
-
-@pytest.fixture
-def own_environ():
-    """Building a fake-cluster config points os.environ at the fake; put it back after."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_ratios_pair_run_i_with_run_i(bench):
@@ -235,7 +225,7 @@ def _tick_levels(names) -> dict[str, int]:
     return {n: logging.getLogger(n).level for n in names}
 
 
-def test_tuned_baselines_quiet_the_per_tick_loggers_as_the_site_configs_do(bench, own_environ,
+def test_tuned_baselines_quiet_the_per_tick_loggers_as_the_site_configs_do(bench, restore_environ,
                                                                           monkeypatch):
     from parsl_aurora.modes import TICK_LOGGERS
 
@@ -266,7 +256,7 @@ def test_tuned_baselines_quiet_the_per_tick_loggers_as_the_site_configs_do(bench
                for c in ("tuned_local", "tuned_pbs", "tuned_mpi"))
 
 
-def test_no_ratio_divides_runs_of_two_provider_kinds(bench, own_environ):
+def test_no_ratio_divides_runs_of_two_provider_kinds(bench, restore_environ):
     c = bench.configs
 
     def kind(case):
@@ -287,7 +277,7 @@ def test_no_ratio_divides_runs_of_two_provider_kinds(bench, own_environ):
                                                "tuned_pbs"]
 
 
-def test_every_case_but_parsls_default_runs_encrypted(bench, own_environ):
+def test_every_case_but_parsls_default_runs_encrypted(bench, restore_environ):
     # docs/security.md: no figure here compares encrypted with plain like for like.
     built = {case: make().executors[0].encrypted for case, make in bench.configs.CONFIGS.items()}
     assert built == {case: case != "default" for case in bench.configs.CONFIGS}

@@ -42,15 +42,6 @@ HB_PERIOD, HB_THRESHOLD = local.site(local.fake_node()).heartbeat
 EVENTUALLY_S = 120
 
 
-@pytest.fixture
-def restore_environ():
-    """Local configs put the fake's commands into os.environ; put it back afterwards."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 # ---------------------------------------------------------------- 1. encrypted by default
 def _required(site: str, mode: str, tmp_path: Path) -> dict:
     # Aurora's hsn0 is not here: name the interchange's address instead.
