@@ -556,7 +556,8 @@ square of the pools above 4,096 per interchange), one interchange:
   before Parsl starts the interchange, which inherits it
   <!-- claim: tests/test_scale.py::test_a_burst_of_300_pools_registers_whole_under_a_low_soft_open_file_limit -->,
   and a request for more pools than that is refused before anything is submitted, with the
-  count <!-- claim: tests/test_scale.py::test_a_request_past_the_drivers_hard_limit_is_refused_before_submit -->.
+  count and the value to change (`nodes_per_job` when one job alone is too many, else
+  `max_jobs`) <!-- claim: tests/test_scale.py::test_a_request_past_the_drivers_hard_limit_is_refused_before_submit -->.
   `ulimit -Hn` on the login node says what yours is.
 - More nodes than that: two executors (two interchanges) in one config, each with half the
   jobs; the last row above is 10,000 pools that way. A job above 2,048 nodes gets a warning

@@ -184,7 +184,7 @@ CASES = [
          "have 100 queued or running jobs there).", "Fix: pass max_jobs=100"),
     Case("open-file-limit", "asked for more worker pools than the driver may open files for",
          "parsl-aurora render aurora multi_job --set account=P --set queue=debug-scaling "
-         "--set nodes_per_job=256", "max_jobs=1 is not valid: expected at most 206 worker pools "
+         "--set nodes_per_job=256", "nodes_per_job=256 is not valid: expected at most 206 worker pools "
          "in all (256 asked for: one per node, two connections each, and the interchange may "
          "open 512 files, the driver's hard open-file limit).",
          "Fix: ask for fewer nodes, split them over two executors", nofile=512),

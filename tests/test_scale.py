@@ -66,6 +66,10 @@ def _hard_limit(limit: int):
     (["aurora", "multi_job", "--set", "account=P", "--set", "queue=prod", "--set",
       "nodes_per_job=256", "--set", "max_jobs=2", "--set", "walltime=1:00:00", "--set",
       "address=10.1.2.3"], "max_jobs=2"),
+    # One job alone is past the limit: fewer jobs cannot help, so the refusal names its nodes.
+    (["aurora", "multi_job", "--set", "account=P", "--set", "queue=prod", "--set",
+      "nodes_per_job=512", "--set", "walltime=1:00:00", "--set", "address=10.1.2.3"],
+     "nodes_per_job=512"),
     (["local", "in_job", "--set", "nodes=460"], "nodefile="),
 ])
 def test_a_request_past_the_drivers_hard_limit_is_refused_before_submit(tmp_path, args, field):

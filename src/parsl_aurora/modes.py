@@ -230,15 +230,19 @@ def open_file_limit() -> int | None:
     return None if hard == resource.RLIM_INFINITY else hard
 
 
+def most_pools(limit: int | None) -> int | None:
+    """The worker pools one interchange can hold under an open-file limit (None: no limit):
+    two connections each, besides its own files."""
+    return None if limit is None else (limit - INTERCHANGE_FILES) // 2
+
+
 def check_open_files(pools: int, field: str, value: object, limit: int | None = None) -> None:
     """Refuse a request whose worker pools need more connections than one interchange may
     open: two per pool, plus its own files. Past the limit Parsl 2025.1.13 loses the extra
     pools silently; here the request stops before anything is submitted."""
     limit = open_file_limit() if limit is None else limit
-    if limit is None:
-        return
-    most = (limit - INTERCHANGE_FILES) // 2
-    if pools > most:
+    most = most_pools(limit)
+    if most is not None and pools > most:
         raise ConfigError(field, value,
                           f"at most {most} worker pools in all ({pools} asked for: one per "
                           f"node, two connections each, and the interchange may open {limit} "
@@ -644,7 +648,11 @@ def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
     _retries(retries)
     check_queue(site, queue, nodes_per_job, walltime, max_jobs,
                 _boolean("allow_unlisted_queue", allow_unlisted_queue))
-    check_open_files(nodes_per_job * max_jobs, "max_jobs", max_jobs)
+    # Name the value to change: nodes_per_job when one job alone holds too many pools.
+    most = most_pools(open_file_limit())
+    one_job_too_big = most is not None and nodes_per_job > most
+    check_open_files(nodes_per_job * max_jobs, *(("nodes_per_job", nodes_per_job)
+                                                 if one_job_too_big else ("max_jobs", max_jobs)))
     # Parsl is imported once the cheap checks pass: a refused request answers at once.
     from parsl.launchers import MpiExecLauncher
 
