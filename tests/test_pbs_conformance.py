@@ -166,7 +166,10 @@ def test_qdel_ends_a_running_job(cluster):
     out = cluster.run("qdel", job_id, cwd=d)
     assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
     job = cluster.wait_state(job_id, "F")
-    assert (job["Exit_status"], job["substate"]) == (271, 91)
+    # SIGTERM ends it: 271 when the job's shell dies of it, 143 when the shell outlives its
+    # child by an instant and exits with the child's status (real PBS signals the session's
+    # processes one at a time, so a loaded node shows either; the fake gives 271).
+    assert (job["Exit_status"], job["substate"]) in ((271, 91), (143, 91))
     assert job["comment"].endswith(f" and terminated by {cluster.user}@{SERVER}")
     again = cluster.run("qdel", job_id, cwd=d)
     assert (again.returncode, again.stderr) == (35, f"qdel: Job has finished {job_id}\n")
