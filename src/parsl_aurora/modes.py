@@ -649,10 +649,11 @@ def multi_job(site: Site, node: Node, *, account: str, queue: str = "debug",
     check_queue(site, queue, nodes_per_job, walltime, max_jobs,
                 _boolean("allow_unlisted_queue", allow_unlisted_queue))
     # Name the value to change: nodes_per_job when one job alone holds too many pools.
-    most = most_pools(open_file_limit())
-    one_job_too_big = most is not None and nodes_per_job > most
+    limit = open_file_limit()
+    one_job_too_big = limit is not None and nodes_per_job > most_pools(limit)
     check_open_files(nodes_per_job * max_jobs, *(("nodes_per_job", nodes_per_job)
-                                                 if one_job_too_big else ("max_jobs", max_jobs)))
+                                                 if one_job_too_big else ("max_jobs", max_jobs)),
+                     limit=limit)
     # Parsl is imported once the cheap checks pass: a refused request answers at once.
     from parsl.launchers import MpiExecLauncher
 
